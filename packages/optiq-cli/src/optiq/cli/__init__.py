@@ -1,0 +1,3 @@
+"""OptiQ command line interface."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,156 @@
+"""Find, validate and load models from local HF-style directories.
+
+Stock ``mlx_lm.load`` fails late and unclearly on bad directories (and "succeeds" with
+an empty tokenizer when ``tokenizer.json`` is missing), so everything is checked here
+first and reported as a :class:`ModelLoadError` a user can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError
+
+ASSETS = Path(__file__).parent / "assets"
+BUNDLED_MODEL_NAME = "optiq-tiny"
+
+
+def bundled_model_path() -> Path:
+    """The tiny trained Qwen3.5-style model shipped inside optiq-core."""
+    return ASSETS / BUNDLED_MODEL_NAME
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """``None`` or ``"bundled"`` means the bundled model; anything else is a local dir."""
+    if model is None or str(model) in ("", "bundled", BUNDLED_MODEL_NAME):
+        return bundled_model_path()
+    return Path(model).expanduser()
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Read ``config.json`` of a model directory, with clear errors."""
+    cfg_file = path / "config.json"
+    if not path.exists():
+        raise ModelLoadError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is not a directory (expected an HF-style model directory)")
+    if not cfg_file.exists():
+        raise ModelLoadError(f"{path} has no config.json: not an HF-style model directory")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelLoadError(f"{cfg_file} has no 'model_type'")
+    return config
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language-model part of a config (flat, or nested under ``text_config``)."""
+    return {**config, **config.get("text_config", {})}
+
+
+def check_model_type(config: dict[str, Any]) -> None:
+    """Raise unless mlx-lm has an implementation for ``config['model_type']``."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        _get_classes(config)
+    except ValueError:
+        raise ModelLoadError(
+            f"unsupported model_type '{config['model_type']}': mlx-lm has no implementation of it"
+        ) from None
+
+
+def check_tokenizer(path: Path) -> None:
+    """Stock mlx_lm.load returns an empty tokenizer without these files: refuse instead."""
+    if not ((path / "tokenizer.json").exists() or (path / "tokenizer.model").exists()):
+        raise ModelLoadError(
+            f"{path} has no tokenizer.json (or tokenizer.model): copy the tokenizer files "
+            "of the original model into it"
+        )
+
+
+def safetensors_header(file: Path) -> dict[str, Any]:
+    """Read and check a safetensors header; raise if the file is truncated or corrupt."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise ValueError("header length exceeds file size")
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{file} is not a valid safetensors file ({e})") from None
+    end = max(
+        (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+    )
+    if 8 + n + end > size:
+        raise ModelLoadError(
+            f"{file} is truncated: header promises {8 + n + end} bytes, file has {size}"
+        )
+    return header
+
+
+def check_weights(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors weight files")
+    for f in files:
+        safetensors_header(f)
+    return files
+
+
+def validate_model_dir(model: str | Path | None) -> tuple[Path, dict[str, Any]]:
+    """All checks that can run before loading; returns the path and its config."""
+    path = resolve_model_path(model)
+    config = read_config(path)
+    check_model_type(config)
+    check_tokenizer(path)
+    check_weights(path)
+    return path, config
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, its tokenizer, its config and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    config: dict[str, Any]
+    path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model(
+    model: str | Path | None = None,
+    *,
+    fast_cpu: bool = True,
+    lazy: bool = False,
+) -> LoadedModel:
+    """Validate and load a model with mlx-lm.
+
+    ``fast_cpu`` (default) applies OptiQ's CPU layer path when MLX runs on the CPU:
+    fp32 compute, and dequantize + GEMM for multi-row inputs (see :mod:`optiq.core.cpu`).
+    """
+    from mlx_lm.utils import load as mlx_load
+
+    path, config = validate_model_dir(model)
+    try:
+        m, tok = mlx_load(str(path), lazy=lazy)
+    except Exception as e:  # mlx-lm raises many kinds; the user needs one line
+        raise ModelLoadError(f"could not load {path}: {type(e).__name__}: {e}") from None
+    if len(tok.vocab) == 0 if hasattr(tok, "vocab") else False:
+        raise ModelLoadError(f"{path}: the tokenizer loaded empty")
+    if fast_cpu:
+        from .cpu import prepare_for_cpu
+
+        prepare_for_cpu(m)
+    return LoadedModel(model=m, tokenizer=tok, config=config, path=path)

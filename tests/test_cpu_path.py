@@ -1,0 +1,87 @@
+"""OptiQ's CPU layer path computes the same as MLX's quantized layers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.utils import quantize_model
+
+from optiq.core import cpu
+from optiq.core.model_io import load_model
+
+
+@pytest.mark.parametrize("rows", [1, cpu.DEQUANT_MIN_ROWS, 64])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_quantized_linear_matches_mlx(rows, bits):
+    mx.random.seed(bits)
+    q = nn.QuantizedLinear.from_linear(nn.Linear(128, 96, bias=True), 64, bits)
+    q.bias = mx.random.normal((96,))
+    x = mx.random.normal((2, rows, 128)) if rows > 1 else mx.random.normal((1, 128))
+    ref = q(x)
+    q.__class__ = cpu.CPUQuantizedLinear
+    out = q(x)
+    assert out.shape == ref.shape
+    assert mx.allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_embedding_as_linear_matches():
+    emb = nn.QuantizedEmbedding.from_embedding(nn.Embedding(256, 128), 64, 4)
+    x = mx.random.normal((1, 32, 128))
+    ref = emb.as_linear(x)
+    emb.__class__ = cpu.CPUQuantizedEmbedding
+    assert mx.allclose(emb.as_linear(x), ref, atol=1e-4)
+    assert mx.array_equal(emb(mx.array([[1, 2, 3]])), nn.QuantizedEmbedding.__call__(emb, mx.array([[1, 2, 3]])))
+
+
+def test_prepare_for_cpu_on_quantized_bundled_model():
+    """Whole model: fp32 + swapped layers give the logits of fp32 + MLX's qmm."""
+    ref = load_model(None, fast_cpu=False).model
+    cpu.cast_floats(ref)
+    quantize_model(ref, {}, group_size=64, bits=4)
+    fast = load_model(None, fast_cpu=False).model
+    cpu.cast_floats(fast)
+    quantize_model(fast, {}, group_size=64, bits=4)
+    n = cpu.swap_quantized_layers(fast)
+    assert n > 0
+    assert all(type(m) is not nn.QuantizedLinear for _, m in fast.named_modules())
+    ids = mx.array([[(i * 31) % 500 + 3 for i in range(48)]])
+    a, b = ref(ids), fast(ids)
+    assert b.dtype == mx.float32
+    assert mx.allclose(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_load_model_applies_cpu_path():
+    loaded = load_model(None)
+    dtypes = {p.dtype for _, p in __import__("mlx.utils").utils.tree_flatten(loaded.model.parameters())}
+    assert dtypes == {mx.float32}
+
+
+def test_moe_switch_layers_match(tiny_moe_dir):
+    ref = load_model(tiny_moe_dir, fast_cpu=False).model
+    cpu.cast_floats(ref)
+    quantize_model(ref, {}, group_size=64, bits=4)
+    fast = load_model(tiny_moe_dir, fast_cpu=False).model
+    cpu.cast_floats(fast)
+    quantize_model(fast, {}, group_size=64, bits=4)
+    cpu.swap_quantized_layers(fast)
+    names = {type(m).__name__ for _, m in fast.named_modules()}
+    assert "CPUQuantizedSwitchLinear" in names
+    ids = mx.array([[(i * 17) % 500 + 3 for i in range(24)]])
+    assert mx.allclose(ref(ids), fast(ids), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS preload is Linux-only")
+def test_openblas_switch():
+    code = "import optiq.core, optiq.core.blas as b; print(b.loaded_openblas())"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    env = {**os.environ, "OPTIQ_OPENBLAS": "0"}
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.strip()
+    assert off == "None"
+    from optiq.core.blas import find_openblas
+
+    assert on == str(find_openblas())

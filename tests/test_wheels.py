@@ -1,0 +1,50 @@
+"""Every package builds as a wheel and installs alone in a fresh virtual environment."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# package -> (import to try, modules that must NOT get installed with it)
+PACKAGES = {
+    "optiq_proto": ("import optiq.v1", ("mlx", "mlx_lm")),
+    "optiq_core": ("import optiq.core, optiq.core.model_io, optiq.core.cpu", ("grpc",)),
+    "optiq_train": ("import optiq.train", ("grpc",)),
+    "optiq_runtime": ("import optiq.runtime, optiq.v1", ()),
+    "optiq_cli": ("import optiq.cli.main", ()),
+}
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory, repo_root):
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.fail("uv is required to build the wheels (pip install uv)")
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([uv, "build", "--all-packages", "--wheel", "-o", str(out), "-q"], cwd=repo_root, check=True)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(PACKAGES))
+def test_wheel_installs_alone(name, dist, tmp_path):
+    uv = shutil.which("uv")
+    wheels = list(dist.glob(f"{name}-*.whl"))
+    assert len(wheels) == 1, f"expected one wheel for {name}, found {wheels}"
+    venv = tmp_path / "venv"
+    py = venv / "bin" / "python"
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
+    # siblings (e.g. optiq-core for optiq-train) come from the freshly built wheels only
+    subprocess.run(
+        [uv, "pip", "install", "-q", "--python", str(py), "--find-links", str(dist), str(wheels[0])],
+        check=True,
+    )
+    code, forbidden = PACKAGES[name]
+    subprocess.run([str(py), "-c", code], check=True)
+    for mod in forbidden:
+        probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec('{mod}') is not None)"
+        assert subprocess.run([str(py), "-c", probe]).returncode == 0, f"{name} pulled in {mod}"
