@@ -1,0 +1,604 @@
+"""Continuous-batching generation engine on one dedicated thread.
+
+All MLX state (model, caches, ``BatchGenerator``, random state) is created and used
+on the engine thread only. RPC handler threads talk to it through queues: they
+``submit`` a tokenized :class:`GenerationRequest` and read :class:`Delta` /
+:class:`Finished` events from the returned :class:`RequestHandle`; ``cancel`` takes a
+request out of the running batch before the next decode step.
+
+Admission: at most ``max_concurrency`` requests hold a batch slot; up to ``max_queue``
+more wait. Beyond that ``submit`` raises :class:`QueueFull` (RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from optiq.core.errors import OptiQError
+
+from .modelinfo import ModelSummary
+from .output import OutputProcessor
+from .types import (
+    CANCELLED,
+    EOS,
+    ERROR,
+    LENGTH,
+    STOP,
+    Event,
+    Finished,
+    GenerationRequest,
+    TokenLogprob,
+    TopToken,
+    Usage,
+)
+
+log = logging.getLogger("optiq.runtime")
+
+
+class EngineError(OptiQError):
+    """The engine cannot take this request now."""
+
+
+class QueueFull(EngineError):
+    """Every batch slot and queue place is taken."""
+
+
+class NotServing(EngineError):
+    """The engine is loading, draining or stopped."""
+
+
+@dataclass
+class LoadedEngineModel:
+    """What the loader hands the engine: built on the engine thread."""
+
+    model: Any  # what BatchGenerator runs
+    tokenizer: Any
+    summary: ModelSummary
+    # adapter name (or None) -> a fresh cache list for one request; None: mlx-lm's default
+    make_cache: Callable[[str | None], list] | None = None
+    # registered adapter name -> description (has .num_layers)
+    adapters: dict[str, Any] = field(default_factory=dict)
+
+
+_END = object()  # handler-side sentinel: the request was cancelled by the client
+
+
+@dataclass
+class _First:
+    """The first token of a request sampled outside the batch (shaped like a
+    ``GenerationBatch.Response``)."""
+
+    token: int
+    logprobs: Any
+    finish_reason: str | None
+
+
+class RequestHandle:
+    """The handler's side of one request."""
+
+    def __init__(self, request: GenerationRequest):
+        self.request = request
+        self.received = time.perf_counter()
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = False
+
+    def events(self) -> Iterator[list[Event]]:
+        """Batches of events as they arrive (all that are ready at once); ends after
+        ``Finished`` or a client cancel."""
+        q = self._events
+        while True:
+            ev = q.get()
+            batch = [ev]
+            while True:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            done = False
+            out = []
+            for e in batch:
+                if e is _END:
+                    done = True
+                    break
+                out.append(e)
+                if isinstance(e, Finished):
+                    done = True
+                    break
+            if out:
+                yield out
+            if done:
+                return
+
+    def _put(self, ev: Any) -> None:
+        self._events.put(ev)
+
+
+@dataclass
+class _State:
+    handle: RequestHandle
+    out: OutputProcessor | None = None
+    uid: int | None = None
+    admitted: float = 0.0
+    first: float | None = None
+    last: float | None = None
+    done: bool = False
+
+
+@dataclass
+class EngineStats:
+    active: int = 0
+    queued: int = 0
+    requests_total: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+    failed: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    decode_steps: int = 0
+
+
+class Engine:
+    """Owns the generation thread. ``loader`` runs on that thread and returns a
+    :class:`LoadedEngineModel`."""
+
+    def __init__(
+        self,
+        loader: Callable[[], LoadedEngineModel],
+        *,
+        max_concurrency: int = 8,
+        max_queue: int = 64,
+        prefill_step_size: int = 512,
+    ):
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        if max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        self._loader = loader
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.prefill_step_size = prefill_step_size
+        self.tokenizer_lock = threading.Lock()
+        self.loaded: LoadedEngineModel | None = None
+        self.load_error: BaseException | None = None
+        self.started_at = time.time()
+        self.stats = EngineStats()
+        self._ready = threading.Event()
+        self._stopped = threading.Event()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards _outstanding, _draining, stats counters
+        self._outstanding = 0
+        self._draining = False
+        self._by_handle: dict[int, _State] = {}  # engine thread only
+        self._thread = threading.Thread(target=self._main, name="optiq-engine", daemon=True)
+
+    # ----------------------------------------------------------------- public API
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """True once loaded; raises the loader's error if loading failed."""
+        ok = self._ready.wait(timeout)
+        if self.load_error is not None:
+            raise self.load_error
+        return ok and self.loaded is not None
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    @property
+    def serving(self) -> bool:
+        return self.loaded is not None and not self._draining and not self._stopped.is_set()
+
+    @property
+    def summary(self) -> ModelSummary:
+        if self.loaded is None:
+            raise NotServing("the model is still loading")
+        return self.loaded.summary
+
+    @property
+    def tokenizer(self) -> Any:
+        if self.loaded is None:
+            raise NotServing("the model is still loading")
+        return self.loaded.tokenizer
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return sorted(self.loaded.adapters) if self.loaded else []
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        handle = RequestHandle(request)
+        with self._lock:
+            if not self.serving:
+                raise NotServing(
+                    "the engine has stopped" if self._stopped.is_set()
+                    else "the server is draining" if self._draining
+                    else "the model is still loading"
+                )
+            if self._outstanding >= self.max_concurrency + self.max_queue:
+                self.stats.rejected += 1
+                raise QueueFull(
+                    f"server at capacity: {self.max_concurrency} running and "
+                    f"{self.max_queue} queued requests; retry later"
+                )
+            self._outstanding += 1
+            self.stats.requests_total += 1
+            # under the lock: once the engine thread has stopped, nothing new gets in
+            self._inbox.put(("submit", handle))
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        """Client-side cancel (RPC cancelled, disconnected, deadline): frees the slot
+        before the next decode step. Safe to call more than once or after the end."""
+        if handle.cancelled:
+            return
+        handle.cancelled = True
+        handle._put(_END)
+        self._inbox.put(("cancel", handle))
+
+    def load(self) -> EngineStats:
+        with self._lock:
+            s = EngineStats(**vars(self.stats))
+        return s
+
+    def drain(self, grace: float) -> None:
+        """Stop taking requests, let running ones finish for up to ``grace`` seconds,
+        then end the rest with reason CANCELLED."""
+        with self._lock:
+            self._draining = True
+        deadline = time.monotonic() + max(grace, 0.0)
+        while True:
+            with self._lock:
+                if self._outstanding == 0:
+                    return
+            if time.monotonic() >= deadline or not self._thread.is_alive():
+                break
+            time.sleep(0.02)
+        if self._thread.is_alive():
+            done = threading.Event()
+            self._inbox.put(("cancel_all", done))
+            done.wait(5.0)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the engine thread (after ``drain`` for a graceful stop)."""
+        with self._lock:
+            self._draining = True
+        self._inbox.put(("stop", None))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ----------------------------------------------------------- engine thread
+    def _main(self) -> None:
+        try:
+            loaded = self._loader()
+        except BaseException as e:  # reported by wait_ready
+            self.load_error = e
+            self._ready.set()
+            self._stopped.set()
+            return
+        try:
+            self._warmup(loaded)
+        except Exception:  # a failed warm-up is not fatal; the first request pays instead
+            log.exception("warm-up failed")
+        self.loaded = loaded
+        self._ready.set()
+        try:
+            self._loop(loaded)
+        except BaseException as e:
+            log.exception("generation thread crashed")
+            self._fail_all(f"engine stopped: {type(e).__name__}: {e}")
+            raise
+        finally:
+            with self._lock:
+                self._stopped.set()
+            self._fail_all("engine stopped")
+
+    def _fail_all(self, message: str) -> None:
+        """No handler may wait forever: end every unfinished request (also those still
+        in the inbox) when the engine thread ends."""
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                self._by_handle[id(arg)] = _State(arg)
+            elif kind == "cancel_all":
+                arg.set()
+        for st in list(self._by_handle.values()):
+            self._finish(st, self._by_handle, ERROR, error=message)
+
+    def _warmup(self, lm: LoadedEngineModel) -> None:
+        """Run two short requests so MLX compiles its kernels before the first client
+        request (otherwise its time to first token includes seconds of JIT)."""
+        bg = self._new_generator(lm)
+        t = lm.summary.eos_token_ids[0] if lm.summary.eos_token_ids else 0
+        caches = [lm.make_cache(None) for _ in range(2)] if lm.make_cache else None
+        bg.insert([[t] * 3, [t] * 6], max_tokens=[4, 4], caches=caches)
+        finished = 0
+        for _ in range(32):
+            _, rs = bg.next()
+            finished += sum(r.finish_reason is not None for r in rs)
+            if finished == 2:
+                break
+        bg.close()
+
+    def _new_generator(self, lm: LoadedEngineModel) -> Any:
+        import mlx.core as mx
+        from mlx_lm.generate import BatchGenerator
+
+        return BatchGenerator(
+            lm.model,
+            completion_batch_size=self.max_concurrency,
+            prefill_batch_size=min(self.max_concurrency, 8),
+            prefill_step_size=self.prefill_step_size,
+            stream=mx.default_stream(mx.default_device()),
+        )
+
+    def _loop(self, lm: LoadedEngineModel) -> None:
+        from mlx_lm.generate import StopSequences
+
+        self._lm = lm
+        self._stop_sets: dict[frozenset[int], Any] = {}
+        self._StopSequences = StopSequences
+        bg = self._new_generator(lm)
+        waiting: deque[_State] = deque()
+        running: dict[int, _State] = {}  # uid -> state
+        by_handle = self._by_handle  # id(handle) -> state (every unfinished request)
+
+        while True:
+            idle = not running and not waiting
+            try:
+                cmds = [self._inbox.get(timeout=0.25) if idle else self._inbox.get_nowait()]
+            except queue.Empty:
+                cmds = []
+            while True:
+                try:
+                    cmds.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+
+            for kind, arg in cmds:
+                if kind == "submit":
+                    st = _State(arg)
+                    by_handle[id(arg)] = st
+                    waiting.append(st)
+                elif kind == "cancel":
+                    st = by_handle.get(id(arg))
+                    if st is None or st.done:
+                        continue
+                    if st.uid is not None:
+                        bg.remove([st.uid])
+                        running.pop(st.uid, None)
+                    else:
+                        waiting.remove(st)
+                    self._finish(st, by_handle, CANCELLED, error="cancelled by the client")
+                elif kind == "cancel_all":
+                    for st in list(waiting) + list(running.values()):
+                        if st.uid is not None:
+                            bg.remove([st.uid])
+                        self._finish(st, by_handle, CANCELLED, error="server shutting down")
+                    waiting.clear()
+                    running.clear()
+                    arg.set()
+                elif kind == "stop":
+                    for st in list(waiting) + list(running.values()):
+                        self._finish(st, by_handle, CANCELLED, error="server stopped")
+                    bg.close()
+                    return
+
+            admit = []
+            while waiting and len(running) + len(admit) < self.max_concurrency:
+                admit.append(waiting.popleft())
+            # A lone short prompt is prefilled here and its first token sent at once (the
+            # batch path needs one more engine step before the first token); several new
+            # prompts are prefilled together by BatchGenerator.
+            fast = len(admit) == 1 and len(admit[0].handle.request.prompt_tokens) <= self.prefill_step_size
+            for st in admit:
+                try:
+                    if self._admit(bg, st, first_token_now=fast, by_handle=by_handle):
+                        running[st.uid] = st
+                except Exception as e:  # e.g. a cache factory that fails for this input
+                    log.exception("could not start request %s", st.handle.request.request_id)
+                    self._finish(st, by_handle, ERROR, error=f"{type(e).__name__}: {e}")
+
+            with self._lock:
+                self.stats.active = len(running)
+                self.stats.queued = len(waiting)
+            if not running:
+                continue
+
+            try:
+                _, responses = bg.next()
+            except Exception as e:
+                log.exception("generation step failed; failing %d requests", len(running))
+                for st in running.values():
+                    self._finish(st, by_handle, ERROR, error=f"{type(e).__name__}: {e}")
+                running.clear()
+                bg.close()
+                bg = self._new_generator(lm)
+                continue
+
+            if responses:
+                with self._lock:
+                    self.stats.decode_steps += 1
+                    self.stats.generated_tokens += len(responses)
+            remove = []
+            now = time.perf_counter()
+            for r in responses:
+                st = running.get(r.uid)
+                if st is None:
+                    continue
+                try:
+                    ended = self._on_token(st, r, now, by_handle)
+                except Exception as e:
+                    log.exception("output processing failed")
+                    self._finish(st, by_handle, ERROR, error=f"{type(e).__name__}: {e}")
+                    ended = True
+                    if r.finish_reason is None:
+                        remove.append(r.uid)
+                if ended:
+                    running.pop(r.uid, None)
+                    if r.finish_reason is None and st.out is not None and st.out.stopped:
+                        remove.append(r.uid)
+            if remove:
+                bg.remove(remove)
+
+    def _stop_sequences(self, req: GenerationRequest) -> Any:
+        key = self._stop_id_set(req)
+        ss = self._stop_sets.get(key)
+        if ss is None:
+            ss = self._StopSequences([(t,) for t in sorted(key)] or None)
+            if len(self._stop_sets) > 256:
+                self._stop_sets.clear()
+            self._stop_sets[key] = ss
+        return ss
+
+    def _admit(self, bg: Any, st: _State, *, first_token_now: bool, by_handle: dict) -> bool:
+        """Start a request; False if it already ended (first token was its last)."""
+        from .sampling import make_processors, make_sampler
+
+        lm = self._lm
+        req = st.handle.request
+        room = lm.summary.context_length - len(req.prompt_tokens)
+        max_tokens = max(1, min(req.max_tokens, room))
+        st.out = OutputProcessor(
+            lm.tokenizer.detokenizer,
+            stops=req.stop,
+            think_tags=lm.summary.think_tags,
+            initial_channel=req.initial_channel,
+        )
+        st.admitted = time.perf_counter()
+        with self._lock:
+            self.stats.prompt_tokens += len(req.prompt_tokens)
+        sampler = make_sampler(req.sampling, lm.summary.vocab_size)
+        processors = make_processors(req.sampling)
+        stops = self._stop_sequences(req)
+        cache = lm.make_cache(req.adapter) if lm.make_cache else None
+        prompt, all_tokens = req.prompt_tokens, None
+        if first_token_now:
+            if cache is None:
+                from mlx_lm.models.cache import make_prompt_cache
+
+                cache = make_prompt_cache(lm.model)
+            token, row = self._first_token(bg, req.prompt_tokens, cache, sampler, processors)
+            stop_ids = self._stop_id_set(req)
+            reason = "stop" if token in stop_ids else "length" if max_tokens == 1 else None
+            with self._lock:
+                self.stats.generated_tokens += 1
+            first = _First(token, row, reason)
+            ended = self._on_token(st, first, time.perf_counter(), by_handle)
+            # let the RPC thread send the first token now rather than after the batch
+            # bookkeeping below (up to a GIL switch interval later)
+            time.sleep(0)
+            if ended:
+                return False
+            prompt, all_tokens, max_tokens = [token], [list(req.prompt_tokens)], max_tokens - 1
+        (st.uid,) = bg.insert(
+            [prompt],
+            max_tokens=[max_tokens],
+            caches=[cache] if cache is not None else None,
+            all_tokens=all_tokens,
+            samplers=[sampler],
+            logits_processors=[processors],
+            stop_sequences=[stops],
+        )
+        return True
+
+    def _first_token(self, bg: Any, prompt: list[int], cache: list, sampler: Any,
+                     processors: list) -> tuple[int, Any]:
+        """Prefill ``prompt`` into ``cache`` and sample the first token, exactly as the
+        batch would (same processors, sampler and stream)."""
+        import mlx.core as mx
+
+        with mx.stream(bg.stream):
+            tokens = mx.array(prompt)
+            logits = self._lm.model(tokens[None], cache=cache)[:, -1, :]
+            for p in processors:
+                logits = p(tokens, logits)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            y = sampler(logprobs) if sampler is not None else mx.argmax(logprobs, axis=-1)
+            mx.eval(y, logprobs)
+        return int(y.item()), logprobs[0]
+
+    def _stop_id_set(self, req: GenerationRequest) -> frozenset[int]:
+        ids = set(req.stop_token_ids)
+        if not req.ignore_eos:
+            ids |= set(self._lm.summary.eos_token_ids)
+        return frozenset(ids)
+
+    def _logprob(self, req: GenerationRequest, row: Any, token: int) -> TokenLogprob:
+        import mlx.core as mx
+
+        lp = TokenLogprob(token, float(row[token].item()))
+        k = min(req.top_logprobs, row.shape[-1])
+        if k > 0:
+            idx = mx.argpartition(-row, kth=k - 1)[:k]
+            vals = row[idx]
+            pairs = sorted(zip(idx.tolist(), vals.tolist()), key=lambda p: -p[1])
+            with self.tokenizer_lock:
+                texts = [self._lm.tokenizer.decode([i]) for i, _ in pairs]
+            lp.top = [
+                TopToken(i, v, "" if "\ufffd" in t else t) for (i, v), t in zip(pairs, texts)
+            ]
+        return lp
+
+    def _on_token(self, st: _State, r: Any, now: float, by_handle: dict) -> bool:
+        """Process one generated token; True when the request ended."""
+        req = st.handle.request
+        token = int(r.token)
+        stop_token = r.finish_reason == "stop"
+        last = r.finish_reason == "length"
+        lp = self._logprob(req, r.logprobs, token) if req.logprobs and not stop_token else None
+        if st.first is None:
+            st.first = now
+        st.last = now
+        for d in st.out.step(token, stop_token=stop_token, last=last, logprob=lp):
+            st.handle._put(d)
+        if stop_token:
+            reason = STOP if token in req.stop_token_ids else EOS
+            self._finish(st, by_handle, reason, stop_token_id=token)
+            return True
+        if st.out.stopped is not None:
+            self._finish(st, by_handle, STOP, stop_sequence=st.out.stopped)
+            return True
+        if last:
+            self._finish(st, by_handle, LENGTH)
+            return True
+        return False
+
+    def _finish(self, st: _State, by_handle: dict, reason: str, **kw: Any) -> None:
+        if st.done:
+            return
+        st.done = True
+        by_handle.pop(id(st.handle), None)
+        end = time.perf_counter()
+        h = st.handle
+        usage = Usage(
+            prompt_tokens=len(h.request.prompt_tokens),
+            completion_tokens=st.out.completion_tokens if st.out else 0,
+            reasoning_tokens=st.out.reasoning_tokens if st.out else 0,
+            queue_time_ms=((st.admitted or end) - h.received) * 1e3,
+            time_to_first_token_ms=((st.first - h.received) * 1e3) if st.first else 0.0,
+            decode_time_ms=((st.last - st.first) * 1e3) if st.first else 0.0,
+            total_time_ms=(end - h.received) * 1e3,
+        )
+        h._put(Finished(reason, usage, **kw))
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "request %s: %s%s; %d prompt + %d generated tokens; TTFT %.1f ms; total %.1f ms",
+                h.request.request_id, reason, f" ({kw['error']})" if kw.get("error") else "",
+                usage.prompt_tokens, usage.completion_tokens, usage.time_to_first_token_ms,
+                usage.total_time_ms,
+            )
+        with self._lock:
+            self._outstanding -= 1
+            if reason == CANCELLED:
+                self.stats.cancelled += 1
+            elif reason == ERROR:
+                self.stats.failed += 1

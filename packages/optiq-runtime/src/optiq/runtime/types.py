@@ -1,0 +1,94 @@
+"""Plain data exchanged between RPC handlers and the generation thread (no MLX)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .text import CONTENT
+
+# Finish reasons (mirrors optiq.v1.FinishReason).
+LENGTH = "length"
+STOP = "stop"
+EOS = "eos"
+CANCELLED = "cancelled"
+ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Resolved sampling settings of one request (server defaults filled in)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    """A validated, tokenized request, ready for the engine."""
+
+    request_id: str
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    adapter: str | None = None
+    initial_channel: str = CONTENT
+
+
+@dataclass
+class TopToken:
+    token_id: int
+    logprob: float
+    text: str
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[TopToken] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    channel: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    queue_time_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+    decode_time_ms: float = 0.0
+    total_time_ms: float = 0.0
+
+
+@dataclass
+class Finished:
+    reason: str
+    usage: Usage
+    stop_sequence: str = ""
+    stop_token_id: int | None = None
+    error: str = ""
+
+
+Event = Delta | Finished
