@@ -67,7 +67,7 @@ def test_quantized_model_info(tmp_path, bundled_model_dir):
     def pred(path, module):
         return {"bits": 8, "group_size": 64} if path.endswith("lm_head") or ".3." in path else True
 
-    quantize_model(loaded.model, cfg, group_size=64, bits=4, quant_predicate=pred)
+    _, cfg = quantize_model(loaded.model, cfg, group_size=64, bits=4, quant_predicate=pred)
     out = tmp_path / "q"
     save_model(out, loaded.model)
     save_config(cfg, out / "config.json")

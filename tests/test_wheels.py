@@ -13,7 +13,11 @@ pytestmark = pytest.mark.slow
 # package -> (import to try, modules that must NOT get installed with it)
 PACKAGES = {
     "optiq_proto": ("import optiq.v1", ("mlx", "mlx_lm")),
-    "optiq_core": ("import optiq.core, optiq.core.model_io, optiq.core.cpu", ("grpc",)),
+    "optiq_core": (
+        "import optiq.core, optiq.core.cpu; from optiq.core.model_io import validate_model_dir; "
+        "validate_model_dir(None)",  # the bundled model ships inside the wheel
+        ("grpc",),
+    ),
     "optiq_train": ("import optiq.train", ("grpc",)),
     "optiq_runtime": ("import optiq.runtime, optiq.v1", ()),
     "optiq_cli": ("import optiq.cli.main", ()),
