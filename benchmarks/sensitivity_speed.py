@@ -1,0 +1,141 @@
+"""Sensitivity-pass time: OptiQ vs ``mlx_lm.quant.dynamic_quant`` on the same tokens.
+
+    uv run python benchmarks/sensitivity_speed.py [--model DIR] [--n 8] [--seq-len 256]
+
+Both get the same calibration tokens (the bundled calibration set, tokenized by the
+model's tokenizer) and the same model. ``dynamic_quant`` runs as a user would run it
+(``mlx_lm.load``: bf16 weights) and, for fairness, also on an fp32 copy. OptiQ's pass is
+timed from the loaded model to the finished sensitivity table, exactly as ``optiq
+convert`` runs it: reference pass (layer outputs, Hessians, reference distribution),
+GPTQ rounding of every layer at every candidate width, and either the probe-based
+second-order estimate plus measured passes for the layers whose estimate is large
+(``fisher``, the default) or one measured forward pass per layer and width
+(``measured``). Each row runs in a fresh process, in
+turn, so the machine's load hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optiq.core  # noqa: F401  (OpenBLAS preload before mlx)
+
+
+def _tokens(model_path, n, seq_len):
+    from mlx_lm.utils import load
+
+    from optiq.core.quant.calibration import build_calibration
+
+    _, tok = load(str(model_path), lazy=True)
+    return build_calibration(tok, None, n, seq_len).tokens
+
+
+def run_one(kind: str, model_path: str, n: int, seq_len: int, bits: str) -> dict:
+    import mlx.core as mx
+
+    tokens = _tokens(model_path, n, seq_len)
+    candidate = tuple(int(b) for b in bits.split(","))
+    if kind.startswith("dynamic_quant"):
+        from mlx_lm.quant.dynamic_quant import estimate_sensitivities
+        from mlx_lm.utils import load
+
+        from optiq.core.cpu import cast_floats
+
+        model, _ = load(model_path)
+        if kind.endswith("fp32"):
+            cast_floats(model, mx.float32)
+        mx.random.seed(0)
+        t0 = time.perf_counter()
+        estimate_sensitivities(model, mx.array(tokens), candidate[0], 64, candidate[-1], 64)
+        return {"seconds": time.perf_counter() - t0}
+
+    from optiq.core.cpu import cast_floats
+    from optiq.core.model_io import load_model
+    from optiq.core.quant.convert import estimate_sensitivities
+    from optiq.core.quant.sensitivity import capture_reference
+    from optiq.core.quant.targets import find_targets
+
+    lm = load_model(model_path, fast_cpu=False)
+    model = lm.model
+    cast_floats(model, mx.float32)
+    targets = [t for t in find_targets(model, 64) if t.quantizable]
+    t0 = time.perf_counter()
+    ref = capture_reference(model, tokens, targets, check_replay=False)
+    t_ref = time.perf_counter() - t0
+    passes = []
+    estimate_sensitivities(
+        model, ref, targets, candidate, mx.bfloat16, "gptq",
+        estimator="fisher" if kind == "optiq-fisher" else "measured",
+        on_pass=lambda p, b: passes.append(p),
+    )
+    return {"seconds": time.perf_counter() - t0, "reference_seconds": t_ref, "passes": len(passes)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model directory (default: bundled)")
+    ap.add_argument("--n", type=int, default=8, help="calibration sequences")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--bits", default="4,8", help="low,high bit widths (dynamic_quant uses two)")
+    ap.add_argument("--rows", default="dynamic_quant,dynamic_quant-fp32,optiq-fisher,optiq-measured")
+    ap.add_argument("--llama", type=int, default=None, metavar="HIDDEN",
+                    help="instead: a random-weight bf16 Llama-style model with this hidden size "
+                         "(4 layers, MLP 3x hidden, vocab 2048): a matmul-bound shape")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    from optiq.core.model_io import resolve_model_path
+
+    tmp = None
+    if args.llama and not args.one:
+        import tempfile
+
+        import mlx.core as mx
+
+        from optiq.core.model_io import bundled_model_path
+        from optiq.core.tiny_models import build_model, copy_tokenizer_files, save_model_dir
+
+        h = args.llama
+        cfg = {"model_type": "llama", "hidden_size": h, "intermediate_size": 3 * h, "num_hidden_layers": 4,
+               "num_attention_heads": max(1, h // 64), "num_key_value_heads": max(1, h // 256),
+               "vocab_size": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+               "torch_dtype": "bfloat16", "max_position_embeddings": 4096, "rope_theta": 10000.0}
+        tmp = tempfile.mkdtemp(prefix="optiq-speed-")
+        save_model_dir(build_model(cfg, seed=0), cfg, Path(tmp) / "llama", dtype=mx.bfloat16)
+        copy_tokenizer_files(bundled_model_path(), Path(tmp) / "llama")
+        args.model = str(Path(tmp) / "llama")
+    model = str(resolve_model_path(args.model))
+    if args.one:
+        print(json.dumps(run_one(args.one, model, args.n, args.seq_len, args.bits)))
+        return
+    rows = {}
+    for kind in args.rows.split(","):
+        cmd = [sys.executable, __file__, "--one", kind, "--model", model, "--n", str(args.n),
+               "--seq-len", str(args.seq_len), "--bits", args.bits]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stderr[-2000:], file=sys.stderr)
+            raise SystemExit(f"{kind} failed")
+        rows[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  {kind}: {rows[kind]['seconds']:.1f}s", file=sys.stderr)
+    base = rows.get("dynamic_quant", next(iter(rows.values())))["seconds"]
+    toks = args.n * args.seq_len
+    print(f"\nSensitivity pass on {model} ({toks} calibration tokens: {args.n} x {args.seq_len}; bits {args.bits})")
+    print(f"{'method':<22} {'seconds':>8} {'vs dynamic_quant':>17}  notes")
+    for kind, r in rows.items():
+        note = ""
+        if "passes" in r:
+            note = f"reference pass {r['reference_seconds']:.1f}s, {r['passes']} measured forward passes"
+        print(f"{kind:<22} {r['seconds']:>8.1f} {base / r['seconds']:>16.2f}x  {note}")
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Calibration data: the bundled offline set or a user jsonl, tokenized into sequences.
+
+A calibration file is JSON Lines; each record is either ``{"text": "..."}`` (rendered
+as is) or ``{"messages": [{"role": ..., "content": ...}, ...]}`` (rendered with the
+model's chat template, so the measurement sees the model's real chat format, thinking
+blocks included). Records are shuffled with a fixed seed (so the first sequences already
+mix prose, chat, code and tool calls), joined with the tokenizer's EOS token and cut into
+``n`` sequences of ``seq_len`` tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+BUNDLED_CALIBRATION = DATA_DIR / "calibration.jsonl"
+DEFAULT_SEQ_LEN = 256
+DEFAULT_N_CALIBRATION = 8
+
+
+def _check_messages(msgs: Any, where: str) -> None:
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise DataError(f"{where}: message {j} needs a string 'role'")
+        if not isinstance(m.get("content", ""), str):
+            raise DataError(f"{where}: message {j} 'content' must be a string")
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read and validate a calibration jsonl; every problem is a :class:`DataError`."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"calibration file {p} does not exist")
+    if not p.is_file():
+        raise DataError(f"calibration file {p} is not a file")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read calibration file {p}: {e}") from None
+    records = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{p}:{i}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: each line must be a JSON object")
+        if "messages" in rec:
+            _check_messages(rec["messages"], where)
+        elif isinstance(rec.get("text"), str):
+            if not rec["text"].strip():
+                continue
+        else:
+            raise DataError(f"{where}: a record needs a string 'text' or a 'messages' list")
+        records.append(rec)
+    if not records:
+        raise DataError(f"calibration file {p} has no records")
+    return records
+
+
+def render_record(rec: dict[str, Any], tokenizer: Any) -> str:
+    """The text of one record; chat records go through the model's chat template."""
+    if "messages" not in rec:
+        return rec["text"]
+    msgs = [{k: v for k, v in m.items()} for m in rec["messages"]]
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False)
+        except Exception:  # a template that rejects this conversation: plain rendering
+            pass
+    return "\n".join(f"{m['role']}: {m.get('content', '')}" for m in msgs) + "\n"
+
+
+@dataclass
+class CalibrationSet:
+    """Token sequences for calibration and where they came from."""
+
+    tokens: np.ndarray  # [n, seq_len] int32
+    source: str
+    records: int
+    available_sequences: int
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.size)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.tokens.tobytes()).hexdigest()[:16]
+
+
+def build_calibration(
+    tokenizer: Any,
+    path: str | Path | None = None,
+    n_sequences: int = DEFAULT_N_CALIBRATION,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    seed: int = 0,
+    records: list[dict[str, Any]] | None = None,
+) -> CalibrationSet:
+    """Tokenize calibration records into ``[n_sequences, seq_len]`` (fewer if the data is short)."""
+    if n_sequences < 1:
+        raise DataError("the number of calibration sequences must be at least 1")
+    if seq_len < 8:
+        raise DataError("calibration sequence length must be at least 8 tokens")
+    src = Path(path) if path is not None else BUNDLED_CALIBRATION
+    recs = records if records is not None else load_records(src)
+    recs = list(recs)
+    random.Random(seed).shuffle(recs)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    need = n_sequences * seq_len
+    for rec in recs:
+        text = render_record(rec, tokenizer)
+        ids.extend(tokenizer.encode(text))
+        if eos is not None:
+            ids.append(int(eos))
+        if len(ids) >= need:
+            break
+    available = len(ids) // seq_len
+    if available < 1:
+        raise DataError(
+            f"calibration data {src} has only {len(ids)} tokens: fewer than one sequence "
+            f"of {seq_len}; give more text or a smaller --seq-len"
+        )
+    n = min(n_sequences, available)
+    arr = np.array(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+    return CalibrationSet(
+        tokens=arr,
+        source="bundled" if path is None else str(src),
+        records=len(recs),
+        available_sequences=available,
+    )

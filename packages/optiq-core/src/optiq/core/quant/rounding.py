@@ -1,0 +1,329 @@
+"""Choosing codes, scales and biases inside MLX's affine format.
+
+Three rounding methods, each measured by ``benchmarks/convert_quality.py``:
+
+``rtn``
+    MLX's own quantizer (``mx.quantize`` on the weight in the output dtype): per group,
+    min/max range, round to nearest. This is what ``mlx_lm.convert`` writes.
+``clip``
+    Per group, search a shrunken range (clipping outliers often lowers the total error),
+    then refine scale and bias by least squares given the codes (a few alternations).
+    The error of each input column is weighted by the mean square of its calibration
+    activation when known (activation-aware), else unweighted.
+``gptq``
+    Error-compensating rounding (GPTQ, Frantar et al. 2022) with the calibration
+    Hessian ``H = E[x x^T]`` of the layer's inputs: columns are rounded one at a time
+    and each rounding error is pushed onto the not-yet-rounded columns so that the
+    layer *output* error ``||(W - Q) X||`` stays small. Group parameters come from the
+    ``clip`` search on the partially updated weights.
+
+Scales and biases are rounded to the output dtype (bf16 for a bf16 model) *before*
+codes are chosen, so the dequantized weights computed here are exactly the weights a
+stock ``mlx_lm.load`` of the written model uses.
+
+Rows are independent given the Hessian, so several bit widths are quantized in one call
+by stacking copies of the weight along the rows (``bits`` may be a per-row array).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .formats import dequantize, round_to_dtype, unpack
+
+ROUNDING_METHODS = ("rtn", "clip", "gptq")
+
+# Range shrink factors tried by the clip search (1.0 = plain min/max).
+CLIP_GRID = tuple(np.round(np.linspace(1.0, 0.55, 10), 3))
+LS_ITERS = 2
+GPTQ_DAMP = 0.01
+
+
+_numpy_blas_limited = False
+
+
+def limit_numpy_blas_threads() -> None:
+    """Run numpy's own OpenBLAS single-threaded (best effort).
+
+    Rounding does many small numpy factorizations and matmuls between MLX calls; numpy's
+    bundled OpenBLAS thread pool then fights MLX's (and the system OpenBLAS) threads for
+    the same cores, making a 384x384 Cholesky ~50x slower than single-threaded.
+    """
+    global _numpy_blas_limited
+    if _numpy_blas_limited:
+        return
+    _numpy_blas_limited = True
+    import ctypes
+    import glob
+    import os
+
+    libdir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+    for lib in glob.glob(os.path.join(libdir, "*openblas*.so*")):
+        try:
+            handle = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            fn = getattr(handle, sym, None)
+            if fn is not None:
+                fn(ctypes.c_int(1))
+                return
+
+
+@dataclass
+class Quantized:
+    """Codes [..., n] (uint8), scales and biases [..., n / group_size] (fp32, dtype-exact)."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    biases: np.ndarray
+    bits: int
+    group_size: int
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize(self.codes, self.scales, self.biases, self.group_size)
+
+
+def _maxq(bits: int | np.ndarray, rows: int) -> np.ndarray:
+    b = np.broadcast_to(np.asarray(bits, dtype=np.int64), (rows,))
+    return ((1 << b) - 1).astype(np.float32)
+
+
+def _codes(w, s, b, maxq):
+    return np.clip(np.rint((w - b) / s), 0, maxq)
+
+
+def _safe_scale(s: np.ndarray) -> np.ndarray:
+    tiny = np.float32(1e-8)
+    return np.where(np.abs(s) < tiny, tiny, s).astype(np.float32)
+
+
+def group_params(
+    wg: np.ndarray,
+    maxq: np.ndarray,
+    d: np.ndarray | None,
+    dtype: mx.Dtype,
+    grid: tuple[float, ...] = CLIP_GRID,
+    ls_iters: int = LS_ITERS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best (scale, bias) per group for groups ``wg`` [R, G, g] under column weights ``d``.
+
+    ``maxq`` is [R] (per-row code range), ``d`` broadcasts to [R, G, g] (None: equal).
+    Returns scales and biases [R, G], already rounded to ``dtype``.
+    """
+    mq = maxq[:, None, None]
+    dw = np.ones_like(wg) if d is None else np.broadcast_to(d, wg.shape).astype(np.float32)
+    lo_mm, hi_mm = wg.min(-1, keepdims=True), wg.max(-1, keepdims=True)
+    best_err = np.full(wg.shape[:2] + (1,), np.inf, dtype=np.float64)
+    best_s = np.zeros(wg.shape[:2] + (1,), dtype=np.float32)
+    best_b = np.zeros_like(best_s)
+
+    def consider(s, b):
+        nonlocal best_err, best_s, best_b
+        s = _safe_scale(round_to_dtype(s, dtype))
+        b = round_to_dtype(b, dtype)
+        q = _codes(wg, s, b, mq)
+        err = (dw * (wg - (q * s + b)) ** 2).sum(-1, keepdims=True, dtype=np.float64)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        best_b = np.where(better, b, best_b)
+
+    for a in grid:  # a == 1.0 is plain min/max; smaller values clip outliers
+        lo, hi = lo_mm * a, hi_mm * a
+        consider(np.maximum(hi - lo, 1e-12) / mq, lo)
+    # least-squares refinement of (scale, bias) given the codes
+    for _ in range(ls_iters):
+        q = _codes(wg, best_s, best_b, mq).astype(np.float64)
+        dd = dw.astype(np.float64)
+        sd = dd.sum(-1, keepdims=True)
+        sq = (dd * q).sum(-1, keepdims=True)
+        sqq = (dd * q * q).sum(-1, keepdims=True)
+        sw = (dd * wg).sum(-1, keepdims=True)
+        sqw = (dd * q * wg).sum(-1, keepdims=True)
+        den = sd * sqq - sq * sq
+        ok = np.abs(den) > 1e-20
+        s = np.where(ok, (sd * sqw - sq * sw) / np.where(ok, den, 1.0), best_s)
+        b = np.where(ok, (sw - s * sq) / np.maximum(sd, 1e-20), best_b)
+        consider(s.astype(np.float32), b.astype(np.float32))
+    return best_s[..., 0], best_b[..., 0]
+
+
+def quantize_clip(
+    w: np.ndarray,
+    bits: int | np.ndarray,
+    group_size: int,
+    dtype: mx.Dtype,
+    d: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Range search + least squares per group. ``w`` [R, n]; ``d`` [n] column weights."""
+    R, n = w.shape
+    G = n // group_size
+    wg = w.reshape(R, G, group_size).astype(np.float32)
+    maxq = _maxq(bits, R)
+    dg = None if d is None else d.reshape(1, G, group_size).astype(np.float32)
+    s, b = group_params(wg, maxq, dg, dtype)
+    codes = _codes(wg, s[..., None], b[..., None], maxq[:, None, None]).astype(np.uint8)
+    return codes.reshape(R, n), s, b
+
+
+def _gptq_inverse(h: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor of H^-1 (the form GPTQ's sequential update needs)."""
+    h = h.astype(np.float64).copy()
+    n = h.shape[0]
+    diag = np.diag(h).copy()
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    mean = np.mean(np.diag(h))
+    for attempt in range(6):
+        try:
+            hd = h + np.eye(n) * (damp * (10**attempt)) * mean
+            L = np.linalg.cholesky(hd)
+            linv = np.linalg.inv(L)
+            hinv = linv.T @ linv
+            return np.linalg.cholesky(hinv).T.astype(np.float32)
+        except np.linalg.LinAlgError:
+            continue
+    raise np.linalg.LinAlgError("Hessian is not positive definite even after damping")
+
+
+def quantize_gptq(
+    w: np.ndarray,
+    h: np.ndarray,
+    bits: int | np.ndarray,
+    group_size: int,
+    dtype: mx.Dtype,
+    damp: float = GPTQ_DAMP,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ with groups aligned to blocks. ``w`` [R, n], ``h`` [n, n] (E[x x^T])."""
+    R, n = w.shape
+    g = group_size
+    W = w.astype(np.float32).copy()
+    dead = np.diag(h) <= 0
+    W[:, dead] = 0.0
+    U = _gptq_inverse(h, damp)
+    d_all = np.maximum(np.diag(h), 0).astype(np.float32)
+    d_all = np.where(d_all > 0, d_all, d_all[d_all > 0].mean() if (d_all > 0).any() else 1.0)
+    maxq = _maxq(bits, R)
+    codes = np.zeros((R, n), dtype=np.uint8)
+    G = n // g
+    scales = np.zeros((R, G), dtype=np.float32)
+    biases = np.zeros((R, G), dtype=np.float32)
+    mq = maxq[:, None]
+    for gi, i1 in enumerate(range(0, n, g)):
+        i2 = i1 + g
+        W1 = W[:, i1:i2].copy()
+        s, b = group_params(W1[:, None, :], maxq, d_all[None, None, i1:i2], dtype)
+        s, b = s[:, 0], b[:, 0]
+        scales[:, gi], biases[:, gi] = s, b
+        s_, b_ = s[:, None], b[:, None]
+        Err1 = np.zeros((R, g), dtype=np.float32)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(g):
+            col = W1[:, i : i + 1]
+            q = _codes(col, s_, b_, mq)
+            codes[:, i1 + i] = q[:, 0]
+            err = (col - (q * s_ + b_)) / U1[i, i]
+            W1[:, i:] -= err * U1[i, i:][None, :]
+            Err1[:, i] = err[:, 0]
+        if i2 < n:
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return codes, scales, biases
+
+
+def quantize_rtn(w: np.ndarray, bits: int, group_size: int, dtype: mx.Dtype):
+    """MLX's own quantizer on the weight cast to the output dtype (what mlx_lm.convert does)."""
+    wq, s, b = mx.quantize(mx.array(w).astype(dtype), group_size=group_size, bits=bits)
+    codes = unpack(np.array(wq), bits, w.shape[-1])
+    return (
+        codes,
+        np.array(s.astype(mx.float32)),
+        np.array(b.astype(mx.float32)),
+    )
+
+
+def quantize_weight(
+    w: np.ndarray,
+    bits_list: list[int] | tuple[int, ...],
+    group_size: int,
+    dtype: mx.Dtype,
+    method: str = "gptq",
+    hessian: np.ndarray | None = None,
+) -> dict[int, Quantized]:
+    """Quantize a 2D [out, in] or 3D [experts, out, in] weight at several bit widths.
+
+    ``hessian``: [in, in] (2D weights) or [experts, in, in] (expert pools), E[x x^T] of
+    the layer input over calibration tokens; experts that saw no token fall back to
+    ``clip``. Without a Hessian, ``gptq`` degrades to unweighted ``clip``.
+    """
+    if method not in ROUNDING_METHODS:
+        raise ValueError(f"unknown rounding method {method!r}")
+    limit_numpy_blas_threads()
+    w = np.asarray(w, dtype=np.float32)
+    bits_list = list(bits_list)
+    if method == "rtn":
+        return {
+            b: Quantized(*quantize_rtn(w, b, group_size, dtype), bits=b, group_size=group_size)
+            for b in bits_list
+        }
+    if w.ndim == 3:
+        per = [
+            quantize_weight(
+                w[e], bits_list, group_size, dtype, method,
+                None if hessian is None else hessian[e],
+            )
+            for e in range(w.shape[0])
+        ]
+        return {
+            b: Quantized(
+                np.stack([p[b].codes for p in per]),
+                np.stack([p[b].scales for p in per]),
+                np.stack([p[b].biases for p in per]),
+                bits=b,
+                group_size=group_size,
+            )
+            for b in bits_list
+        }
+    return dict(zip(bits_list, quantize_rows([(w, b) for b in bits_list], group_size, dtype, method, hessian)))
+
+
+def quantize_rows(
+    blocks: list[tuple[np.ndarray, int]],
+    group_size: int,
+    dtype: mx.Dtype,
+    method: str = "gptq",
+    hessian: np.ndarray | None = None,
+) -> list[Quantized]:
+    """Quantize several 2D weights that share one input (and so one Hessian) in one pass.
+
+    ``blocks`` are ``(weight [out_i, in], bits_i)`` pairs -- e.g. q/k/v projections at
+    every candidate width. GPTQ treats rows independently given ``H``, so stacking them
+    costs one column sweep instead of one per block.
+    """
+    if method not in ROUNDING_METHODS:
+        raise ValueError(f"unknown rounding method {method!r}")
+    limit_numpy_blas_threads()
+    if method == "rtn":
+        return [
+            Quantized(*quantize_rtn(np.asarray(w, np.float32), b, group_size, dtype), bits=b, group_size=group_size)
+            for w, b in blocks
+        ]
+    stacked = np.concatenate([np.asarray(w, np.float32) for w, _ in blocks], axis=0)
+    row_bits = np.concatenate([np.full(w.shape[0], b) for w, b in blocks])
+    usable_h = hessian is not None and np.trace(hessian) > 0
+    if method == "gptq" and usable_h:
+        codes, s, b_ = quantize_gptq(stacked, hessian, row_bits, group_size, dtype)
+    else:
+        d = np.diag(hessian).astype(np.float32) if usable_h else None
+        if d is not None and not (d > 0).all():
+            d = np.where(d > 0, d, max(d.max(), 1e-12) * 1e-3)
+        codes, s, b_ = quantize_clip(stacked, row_bits, group_size, dtype, d)
+    out, start = [], 0
+    for w, bits in blocks:
+        sl = slice(start, start + w.shape[0])
+        out.append(Quantized(codes[sl], s[sl], b_[sl], bits=bits, group_size=group_size))
+        start += w.shape[0]
+    return out

@@ -1,0 +1,87 @@
+"""``--method static``: bits from architecture rules, no forward passes.
+
+For models too large to run on calibration data. Each leaf gets a data-free proxy of
+its sensitivity: how much of its weight quantization at ``b`` bits loses
+(``||W - Q_b(W)||^2 / ||W||^2``, which sees outliers), times a rule weight for its role
+and position. The rules follow what measurement and llama.cpp's k-quants agree on:
+the output head matters most; value/output projections, down projections and small
+gating projections (router gates, Gated DeltaNet ``a``/``b`` gates) matter more than
+query/key/up projections; the first and last layers matter more than middle ones;
+The same knapsack as the measured method then spends the bit budget where these priors
+say it helps most -- but only upward: every leaf keeps at least the widest width the
+budget allows for all leaves (rules cannot tell which layers tolerate fewer bits, and a
+wrong guess there costs more than a right one gains).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from .rounding import quantize_weight
+from .targets import Target
+
+ROLE_WEIGHTS: tuple[tuple[str, float], ...] = (
+    ("lm_head", 8.0),
+    ("shared_expert_gate", 4.0),
+    ("mlp.gate", 4.0),  # MoE router
+    ("in_proj_a", 2.0),
+    ("in_proj_b", 2.0),
+    ("v_proj", 2.0),
+    ("o_proj", 2.0),
+    ("out_proj", 2.0),
+    ("down_proj", 2.0),
+)
+
+
+def role_weight(t: Target) -> float:
+    name = t.path if t.layer is None else t.role
+    for key, w in ROLE_WEIGHTS:
+        if name == key or name.endswith(key):
+            return w
+    return 1.0
+
+
+def position_weight(t: Target, n_layers: int) -> float:
+    if t.layer is None or n_layers <= 0:
+        return 1.0
+    edge = max(1, n_layers // 8)
+    return 1.5 if (t.layer < edge or t.layer >= n_layers - edge) else 1.0
+
+
+def static_priors(
+    weights: dict[str, np.ndarray],
+    targets: list[Target],
+    candidate_bits: tuple[int, ...],
+    out_dtype: mx.Dtype,
+    n_layers: int,
+) -> dict[str, dict[int, float]]:
+    """Predicted-KL stand-ins for every quantizable leaf and candidate width."""
+    out = {}
+    for t in targets:
+        if not t.quantizable:
+            continue
+        w = weights[t.path]
+        bits = (t.pinned["bits"],) if t.pinned else candidate_bits
+        qs = quantize_weight(w, bits, t.group_size, out_dtype, "clip", None)
+        norm = float((w.astype(np.float64) ** 2).sum()) or 1.0
+        scale = role_weight(t) * position_weight(t, n_layers)
+        out[t.path] = {
+            b: scale * float(((w - q.dequantize()).astype(np.float64) ** 2).sum()) / norm
+            for b, q in qs.items()
+        }
+    return out
+
+
+def floor_bits(options: dict, budget: int) -> int:
+    """The widest width every (unpinned) leaf can have within ``budget``."""
+    widths = sorted({o.bits for opts in options.values() for o in opts})
+    best = widths[0]
+    for w in widths:
+        cost = 0
+        for opts in options.values():
+            ok = [o for o in opts if o.bits >= w] or opts
+            cost += min(o.cost for o in ok)
+        if cost <= budget:
+            best = w
+    return best
