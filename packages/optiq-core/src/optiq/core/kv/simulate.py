@@ -1,0 +1,76 @@
+"""Score a whole sequence in one forward pass as if it had been decoded token by token
+through the mixed-precision cache.
+
+When :class:`~optiq.core.kv.cache.MixedKVCache` decodes, every token attends to the
+*quantized* keys/values of all earlier tokens. A prefill chunk, however, attends to its
+own keys/values at full precision (as mlx-lm's ``kv_bits`` does for its first chunk), so
+``model(tokens, cache=make_kv_cache(...))`` would hide most of the quantization error
+of a teacher-forced evaluation. :class:`SimulatedKVCache` stores and returns K/V exactly
+as the mixed cache would read them back (quantize -> dequantize, fp16 scales), including
+the current chunk, so perplexity/KL of a config can be measured in one batched forward.
+The sensitivity pass uses the same storage rule, one batch row per variant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+from mlx import nn
+from mlx_lm.models.cache import KVCache
+
+from ..errors import ConfigError
+from . import quant
+from .config import KVConfig
+from .layers import base_cache
+
+
+class SimulatedKVCache(KVCache):
+    """A ``KVCache`` holding fake-quantized K (``k_bits``) and V (``v_bits``); None = exact.
+
+    ``rows`` optionally gives per-batch-row (k_bits, v_bits) rules instead (one variant
+    per row, used by the sensitivity pass).
+    """
+
+    def __init__(
+        self,
+        k_bits: int | None = None,
+        v_bits: int | None = None,
+        group_size: int = 64,
+        rows: list[tuple[int | None, int | None]] | None = None,
+    ):
+        super().__init__()
+        self.rows = rows
+        self.k_bits, self.v_bits = k_bits, v_bits
+        self.group_size = group_size
+
+    def _apply(self, x: mx.array, which: int) -> mx.array:
+        if self.rows is None:
+            bits = (self.k_bits, self.v_bits)[which]
+            return x if bits is None else quant.fake_quantize(x, bits, self.group_size)
+        per_row = [r[which] for r in self.rows]
+        out = x
+        for b in sorted({b for b in per_row if b is not None}):
+            mask = mx.array([rb == b for rb in per_row])[:, None, None, None]
+            out = mx.where(mask, quant.fake_quantize(x, b, self.group_size), out)
+        return out
+
+    def update_and_fetch(self, keys, values):
+        return super().update_and_fetch(self._apply(keys, 0), self._apply(values, 1))
+
+
+def make_simulated_kv_cache(model: nn.Module, config: KVConfig) -> list[Any]:
+    """The model's cache list with each configured layer simulating its (k_bits, v_bits).
+
+    Use a fresh list per sequence: ``logits = model(tokens[None], cache=make_simulated_kv_cache(model, cfg))``.
+    """
+    cache = base_cache(model)
+    if len(cache) != config.model.num_layers:
+        raise ConfigError(
+            f"kv config was made for a {config.model.num_layers}-layer model; this model has {len(cache)} layers"
+        )
+    for idx, (kb, vb) in config.layers.items():
+        if not isinstance(cache[idx], KVCache):
+            raise ConfigError(f"kv config sets bits for layer {idx}, which has no KV cache ({type(cache[idx]).__name__})")
+        cache[idx] = SimulatedKVCache(kb, vb, config.group_size)
+    return cache
