@@ -230,7 +230,7 @@ def test_sigterm_drains_then_cancels(bundled_model_dir):
     finally:
         c.close()
         srv.kill()
-    assert rc == 0
+    assert rc == 0, "\n".join(srv.log[-30:])
     assert results["short"][1].reason == pb.FINISH_REASON_LENGTH  # finished within the grace
     assert results["short"][1].usage.completion_tokens == 40
     fin = results["endless"][1]

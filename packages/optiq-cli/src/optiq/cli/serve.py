@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -130,3 +131,9 @@ def serve(
 
     run(config, on_ready=ready)
     click.echo("optiq serve: stopped", err=True)
+    # Everything is drained and stopped. MLX used from a non-main thread can abort in its
+    # C++ teardown at interpreter exit (ml-explore/mlx#3126), turning a clean stop into
+    # SIGABRT; end the process here instead.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
