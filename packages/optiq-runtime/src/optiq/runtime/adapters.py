@@ -150,20 +150,6 @@ class ServedAdapter:
     num_layers: int  # adapted modules
 
 
-def _module_at(model: nn.Module, path: str) -> nn.Module | None:
-    node: Any = model
-    for part in path.split("."):
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                return None
-            node = node[int(part)]
-        elif isinstance(node, (dict, nn.Module)) and part in node:
-            node = node[part]
-        else:
-            return None
-    return node if isinstance(node, nn.Module) else None
-
-
 def install_adapters(
     model: nn.Module, adapters: dict[str, Path]
 ) -> tuple[AdapterModel, dict[str, ServedAdapter]]:
@@ -171,7 +157,7 @@ def install_adapters(
 
     Returns the model ``BatchGenerator`` should run and name -> :class:`ServedAdapter`.
     """
-    from optiq.train.adapters import expected_shapes, load_weight_file, read_spec
+    from optiq.train.adapters import expected_shapes, load_weight_file, module_at, read_spec
     from optiq.train.targets import is_adaptable
 
     router = _Router()
@@ -189,7 +175,7 @@ def install_adapters(
                     "(`optiq lora fuse`) and serve the fused model instead"
                 )
             layer = wrapped.get(m.path)
-            base = layer.linear if layer is not None else _module_at(model, m.path)
+            base = layer.linear if layer is not None else module_at(model, m.path)
             if base is None or not is_adaptable(base):
                 raise ModelLoadError(
                     f"adapter '{name}' ({directory}) names {m.path}, which is not a linear layer "

@@ -64,7 +64,9 @@ class AdapterSpec:
         return len({(m.rank, m.scale) for m in self.modules}) <= 1
 
 
-def _module_at(model: nn.Module, path: str) -> nn.Module | None:
+def module_at(model: nn.Module, path: str) -> nn.Module | None:
+    """The module at a dotted path (``model.layers.3.self_attn.q_proj``), or ``None``
+    when the path does not lead to one (adapters name modules by path)."""
     node: Any = model
     for part in path.split("."):
         if isinstance(node, list):
@@ -96,7 +98,7 @@ def wrap_modules(model: nn.Module, modules: list[AdapterModule], dropout: float 
     model.freeze()
     updates = []
     for m in modules:
-        base = _module_at(model, m.path)
+        base = module_at(model, m.path)
         if base is None:
             raise ModelLoadError(f"the model has no module {m.path} (adapter made for another model?)")
         if isinstance(base, _lora_types()):
@@ -286,7 +288,7 @@ def load_adapters(
     spec = read_spec(adapter_dir, weights)
     errors = []
     for m in spec.modules:
-        base = _module_at(model, m.path)
+        base = module_at(model, m.path)
         if base is None or not (is_adaptable(base) or isinstance(base, _lora_types())):
             errors.append(f"  {m.path}: no such linear layer in the model")
             continue

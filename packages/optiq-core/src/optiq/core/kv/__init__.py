@@ -24,11 +24,10 @@ from typing import Any
 from mlx import nn
 from mlx_lm.models.cache import KVCache, save_prompt_cache
 
-from ..errors import ConfigError
 from .attention import install_attention, uninstall_attention
 from .cache import BatchMixedKVCache, MixedKVCache
 from .config import KVConfig, check_matches_model, load_kv_config, save_kv_config, uniform_kv_config
-from .layers import KVLayout, base_cache, kv_layout
+from .layers import KVLayout, configured_cache, kv_layout
 from .quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, bits_per_element
 from .simulate import SimulatedKVCache, make_simulated_kv_cache
 
@@ -65,15 +64,7 @@ def make_kv_cache(model: nn.Module, config: KVConfig, fast_attention: bool = Tru
     ``fast_attention`` routes decode-step attention over the packed codes (see
     :mod:`optiq.core.kv.attention`); without it attention reads dequantized K/V.
     """
-    cache = base_cache(model)
-    if len(cache) != config.model.num_layers:
-        raise ConfigError(
-            f"kv config was made for a {config.model.num_layers}-layer model; this model has {len(cache)} layers"
-        )
-    for idx, (kb, vb) in config.layers.items():
-        if not isinstance(cache[idx], KVCache):
-            raise ConfigError(f"kv config sets bits for layer {idx}, which has no KV cache ({type(cache[idx]).__name__})")
-        cache[idx] = MixedKVCache(kb, vb, config.group_size)
+    cache = configured_cache(model, config, MixedKVCache)
     if fast_attention:
         install_attention(model)
     return cache

@@ -8,14 +8,18 @@ recurrent state, which stays in full precision.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 from mlx import nn
 from mlx_lm.models.cache import ArraysCache, KVCache
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import KVConfig
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,21 @@ def base_cache(model: nn.Module) -> list[Any]:
     from mlx_lm.models.cache import make_prompt_cache
 
     return make_prompt_cache(model)
+
+
+def configured_cache(model: nn.Module, config: "KVConfig", make: Callable[[int, int, int], Any]) -> list[Any]:
+    """:func:`base_cache` with every configured layer's ``KVCache`` replaced by
+    ``make(k_bits, v_bits, group_size)``; other layers stay as mlx-lm builds them."""
+    cache = base_cache(model)
+    if len(cache) != config.model.num_layers:
+        raise ConfigError(
+            f"kv config was made for a {config.model.num_layers}-layer model; this model has {len(cache)} layers"
+        )
+    for idx, (kb, vb) in config.layers.items():
+        if not isinstance(cache[idx], KVCache):
+            raise ConfigError(f"kv config sets bits for layer {idx}, which has no KV cache ({type(cache[idx]).__name__})")
+        cache[idx] = make(kb, vb, config.group_size)
+    return cache
 
 
 def _skip_reason(cache: Any) -> str:

@@ -19,10 +19,9 @@ import mlx.core as mx
 from mlx import nn
 from mlx_lm.models.cache import KVCache
 
-from ..errors import ConfigError
 from . import quant
 from .config import KVConfig
-from .layers import base_cache
+from .layers import configured_cache
 
 
 class SimulatedKVCache(KVCache):
@@ -64,13 +63,4 @@ def make_simulated_kv_cache(model: nn.Module, config: KVConfig) -> list[Any]:
 
     Use a fresh list per sequence: ``logits = model(tokens[None], cache=make_simulated_kv_cache(model, cfg))``.
     """
-    cache = base_cache(model)
-    if len(cache) != config.model.num_layers:
-        raise ConfigError(
-            f"kv config was made for a {config.model.num_layers}-layer model; this model has {len(cache)} layers"
-        )
-    for idx, (kb, vb) in config.layers.items():
-        if not isinstance(cache[idx], KVCache):
-            raise ConfigError(f"kv config sets bits for layer {idx}, which has no KV cache ({type(cache[idx]).__name__})")
-        cache[idx] = SimulatedKVCache(kb, vb, config.group_size)
-    return cache
+    return configured_cache(model, config, SimulatedKVCache)
