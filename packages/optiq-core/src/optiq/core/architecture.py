@@ -49,20 +49,6 @@ def make_cache(model: nn.Module) -> list[Any]:
     return make_prompt_cache(model)
 
 
-def carries_kv(cache: Any) -> bool:
-    """True for caches that store per-token keys and values (they grow with the context)."""
-    from mlx_lm.models.cache import ArraysCache
-
-    if isinstance(cache, ArraysCache):
-        return False
-    return hasattr(cache, "keys") and hasattr(cache, "update_and_fetch")
-
-
-def kv_layer_indices(model: nn.Module) -> list[int]:
-    """Indices of layers whose cache holds a real per-token KV cache."""
-    return [i for i, c in enumerate(make_cache(model)) if carries_kv(c)]
-
-
 def is_quantizable(module: nn.Module) -> bool:
     """Leaves mlx-lm's ``quantize_model`` can convert (Linear, Embedding, SwitchLinear...)."""
     return hasattr(module, "to_quantized")
