@@ -15,16 +15,20 @@
    matmul and the token-by-token Gated DeltaNet loop; OptiQ computes in fp32 with
    dequantize + GEMM and the chunked Gated DeltaNet recurrence.
 
-2. Ablation on the bundled model's OptiQ quant (``optiq convert`` defaults): validation loss after a fixed number of
-   steps for ``by_bits`` against ``constant`` rank with the same trainable-parameter budget
-   (the two constant ranks that bracket it), over several seeds, and by_sensitivity at its
-   own count. The task is new to the model: arithmetic prompt/completion records with the
-   prompt masked, a fresh record for every step, a disjoint validation set.
+2. Ablation on the bundled model's OptiQ quant (``optiq-tiny-optiq``, shipped in optiq-core,
+   built by ``tools/build_bundled_quant.py``: 4.5 bpw from 3/4/5/6/8 bits, so the adapted
+   layers span five widths): validation loss after a fixed number of steps for ``by_bits``
+   against ``constant`` rank with the same trainable-parameter budget (the two constant
+   ranks that bracket it), over several seeds, and by_sensitivity at its own count. The
+   task is new to the model: arithmetic prompt/completion records with the prompt masked,
+   a fresh record for every step, a disjoint validation set.
 
 Run:  uv run python benchmarks/lora_train.py            (both parts, ~25 min on 2 cores; the
                                                          mlx-lm run alone is ~8 min)
       uv run python benchmarks/lora_train.py --quick    (small sizes, a few minutes)
-      --quant DIR reuses an existing ``optiq convert`` output instead of converting again.
+      --skip-speed                                      (the ablation alone, ~14 min)
+      --quant DIR reuses an existing ``optiq convert`` output instead of converting again;
+      --ablation-quant DIR / --ablation-convert ARGS run the ablation on another quant.
 """
 
 from __future__ import annotations
@@ -259,14 +263,15 @@ def speed(args, model: Path, data: Path, tmp: Path) -> list[dict]:
 
 
 def resolve_float(model: Path) -> Path:
-    """The float model a quant was made from (optiq convert records it), else the bundled one."""
+    """The float model a quant was made from (optiq convert records it; the bundled quant
+    records the bundled name), else the bundled one."""
     from optiq.core.model_io import resolve_model_path
 
     meta = model / "optiq_metadata.json"
     if meta.exists():
-        src = json.loads(meta.read_text()).get("source_model")
-        if src and Path(src).exists():
-            return Path(src)
+        src = resolve_model_path(json.loads(meta.read_text()).get("source_model"))
+        if src.exists():
+            return src
     return resolve_model_path(None)
 
 
@@ -317,6 +322,16 @@ def ablation(args, model: Path, tmp: Path) -> dict:
     return results
 
 
+def ablation_model(args, quant) -> tuple[Path, str]:
+    """--ablation-quant, else a conversion with --ablation-convert, else the bundled quant
+    (else optiq convert defaults, which is how the bundled quant is built)."""
+    from optiq.core.model_io import bundled_quant_path, has_bundled_quant
+
+    if args.ablation_quant is None and args.ablation_convert is None and has_bundled_quant():
+        return bundled_quant_path(), "the bundled OptiQ quant (optiq-tiny-optiq)"
+    return quant(args.ablation_quant, (args.ablation_convert or "").split())
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -327,9 +342,10 @@ def main() -> None:
     ap.add_argument("--quant", type=Path, default=None,
                     help="speed part: use this quantized model dir (default: optiq convert defaults)")
     ap.add_argument("--ablation-quant", type=Path, default=None,
-                    help="ablation: use this quantized model dir (default: convert with --ablation-convert)")
-    ap.add_argument("--ablation-convert", default="--target-bpw 3.5 --candidate-bits 3,4,8",
-                    help="optiq convert options of the ablation's quant (more mixed than the defaults)")
+                    help="ablation: use this quantized model dir (default: the bundled OptiQ quant)")
+    ap.add_argument("--ablation-convert", default=None,
+                    help="ablation: convert the base model with these optiq convert options instead, "
+                         "e.g. '--target-bpw 3.5 --candidate-bits 3,4,8'")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--report", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -395,7 +411,7 @@ def main() -> None:
                       f"{r['peak_gb']:.3f} | {r['peak_gb'] / ref['peak_gb']:.2f}x | {r['rss_gb']:.2f} | "
                       f"{r['wall_s']:.0f} |")
         if not args.skip_ablation:
-            model, how = quant(args.ablation_quant, args.ablation_convert.split())
+            model, how = ablation_model(args, quant)
             print(f"ablation model: {model} ({how})")
             out["ablation_model"] = how
             res = ablation(args, model, tmp)

@@ -1,9 +1,10 @@
-"""The bundled trained model (optiq-tiny) and the tiny random MoE sibling."""
+"""The bundled trained model (optiq-tiny), its OptiQ quant and the tiny random MoE sibling."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import optiq.core  # noqa: F401  (OpenBLAS preload before mlx)
 
@@ -11,10 +12,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from optiq.core.model_io import bundled_model_path
+from optiq.core import model_io
+from optiq.core.errors import ModelLoadError
+from optiq.core.model_io import bundled_model_path, bundled_quant_path, load_model, resolve_model_path
 from optiq.core.tiny_models import TINY_TEXT_CONFIG, build_model, make_tiny_moe
 
 BUNDLED = bundled_model_path()
+QUANT = bundled_quant_path()
 
 SAMPLES = [
     "LAWYER, n.  One skilled in circumvention of the law.\n\n    Verse, indented.\n",
@@ -176,3 +180,67 @@ def test_make_tiny_moe(tmp_path):
     # deterministic given the seed
     again = make_tiny_moe(tmp_path / "moe2", seed=0)
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+# ---------------------------------------------------------------------------- bundled quant
+
+
+def test_bundled_quant_has_mixed_per_layer_bits_and_optiq_metadata():
+    assert QUANT.parent == BUNDLED.parent and QUANT.name == "optiq-tiny-optiq"
+    size = sum(p.stat().st_size for p in QUANT.iterdir())
+    assert size < 2.5e6, size  # small enough to ship in the wheel
+    assert not list(QUANT.glob("*.png"))
+    q = json.loads((QUANT / "config.json").read_text())["quantization"]
+    per_layer = {k: v["bits"] for k, v in q.items() if isinstance(v, dict)}
+    assert len(per_layer) > 40
+    assert set(per_layer.values()) <= {3, 4, 5, 6, 8} and len(set(per_layer.values())) >= 3  # mixed
+    meta = json.loads((QUANT / "optiq_metadata.json").read_text())
+    assert meta["format"] == "optiq-convert" and meta["method"] == "optiq"
+    assert meta["target_bpw"] == 4.5 and meta["candidate_bits"] == [3, 4, 5, 6, 8]
+    assert abs(meta["achieved"]["weight_bpw"] - 4.5) < 0.1
+    assert meta["source_model"] == "optiq-tiny"  # portable, not the build machine's path
+    assert resolve_model_path(meta["source_model"]) == BUNDLED
+    assert "seconds" not in meta
+    # metadata and config.json agree module by module (config paths carry no prefix diff)
+    for path, entry in meta["layers"].items():
+        assert per_layer[path] == entry["bits"], path
+        assert entry["sensitivity"], path  # by_sensitivity has what it needs
+
+
+def test_bundled_quant_loads_with_stock_mlx_lm_and_stays_close_to_float():
+    from mlx_lm import load
+
+    model, tokenizer = load(str(QUANT))
+    q = json.loads((QUANT / "config.json").read_text())["quantization"]
+    quantized = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+    loaded = {p: m.bits for p, m in model.named_modules() if isinstance(m, quantized)}
+    assert loaded == {p: v["bits"] for p, v in q.items() if isinstance(v, dict)}  # per-layer bits kept
+    ids = tokenizer.encode((BUNDLED / "heldout.txt").read_text()[:1500])[:256]
+    x = mx.array(ids)[None]
+    quant = load_model("bundled-quant")  # OptiQ's loader, by name
+    ref = load_model("bundled")
+    assert quant.path == QUANT and ref.path == BUNDLED
+    def logprobs(m):
+        return nn.log_softmax(m(x).astype(mx.float32), axis=-1)
+
+    def kl(p, q):
+        return (mx.exp(p) * (p - q)).sum(-1).mean().item()
+
+    lq, lr = logprobs(quant.model), logprobs(ref.model)
+    assert 0 < kl(lr, lq) < 0.05, kl(lr, lq)  # 4.5 bpw barely changes the model
+    # stock mlx-lm computes in bf16, OptiQ in fp32: the same model up to that rounding
+    # (measured: KL 0.0016 between them, as large as the quantization's own 0.0016)
+    assert kl(logprobs(model), lq) < 0.01
+
+
+def test_bundled_quant_name_resolution(tmp_path, monkeypatch):
+    assert resolve_model_path("bundled-quant") == QUANT
+    assert resolve_model_path("optiq-tiny-optiq") == QUANT
+    assert resolve_model_path(None) == BUNDLED  # the plain default stays the float model
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bundled-quant").mkdir()
+    assert resolve_model_path("bundled-quant") == Path("bundled-quant")  # a local dir wins
+    monkeypatch.setattr(model_io, "bundled_quant_path", lambda: tmp_path / "absent")
+    assert not model_io.has_bundled_quant()
+    with pytest.raises(ModelLoadError, match="build_bundled_quant"):
+        resolve_model_path("optiq-tiny-optiq")

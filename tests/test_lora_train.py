@@ -4,16 +4,19 @@ adapter, fuse, and the ``optiq lora`` commands. Tiny runs: few steps, short reco
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
 from test_lora_util import make_text_data, quantize_mixed, write_jsonl
 
+from optiq.core import model_io
 from optiq.core.errors import ConfigError
-from optiq.core.model_io import load_model
+from optiq.core.model_io import bundled_model_path, bundled_quant_path, load_model
 from optiq.train import adapters
-from optiq.train.lora import LoraOptions, train_lora
+from optiq.train.lora import LoraOptions, default_model, train_lora
+from optiq.train.ranks import rank_for_bits
 from optiq.train.trainer import BEST_WEIGHTS, STATE_FILE, TrainArgs, TrainingInterrupted, list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -214,3 +217,49 @@ def test_cli_errors_are_one_line(mixed_dir, data_dir, tmp_path, capsys):
     assert code == 1 and "in_proj_qkv" in err
     code, _, err = _cli(["lora", "export", str(tmp_path / "none"), "-o", str(tmp_path / "x")], capsys)
     assert code == 1 and "does not exist" in err
+
+
+def test_cli_default_model_is_the_bundled_quant_with_by_bits_ranks(data_dir, tmp_path, capsys):
+    assert default_model()[0] == bundled_quant_path()
+    out = tmp_path / "ad"
+    code, stdout, _ = _cli(["lora", "train", "--data", str(data_dir), "-o", str(out), "--dry-run"], capsys)
+    assert code == 0 and not out.exists()
+    assert f"model: {bundled_quant_path()} (default: the bundled model's OptiQ quant)\n" in stdout
+    assert "rank scaling: by_bits, base rank 8, scale 20, bits from optiq_metadata.json" in stdout
+    # default targets: q_proj/v_proj of the full-attention blocks (3 and 7), at the quant's bits
+    # (as shipped: layer 7 q_proj 3-bit rank 11, v_proj 4-bit rank 8)
+    config_bits = {k: v["bits"] for k, v in
+                   json.loads((bundled_quant_path() / "config.json").read_text())["quantization"].items()
+                   if isinstance(v, dict)}
+    for layer in (3, 7):
+        items = []
+        for name in ("q_proj", "v_proj"):
+            b = config_bits[f"language_model.model.layers.{layer}.self_attn.{name}"]
+            items.append(f"{name} {b}b r{rank_for_bits(8, b)}")
+        assert f"layer   {layer} full_attention: {', '.join(items)}\n" in stdout
+
+    code, stdout, _ = _cli(["lora", "train", "--data", str(data_dir), "-o", str(out), "--dry-run",
+                            "--target-modules", "all-linear"], capsys)
+    assert code == 0
+    seen = {}
+    for layer, items in re.findall(r"layer +(\d+) \w+: (.*)", stdout):
+        for name, bits, rank in re.findall(r"(\w+) (\d+)b r(\d+)", items):
+            path = next(k for k in config_bits if f"layers.{layer}." in k and k.endswith("." + name))
+            assert config_bits[path] == int(bits), path  # bits are the quant's per-layer bits
+            if name in ("in_proj_a", "in_proj_b"):  # 4 outputs: rank clamped to 4
+                assert int(rank) == min(4, rank_for_bits(8, int(bits))), path
+                continue
+            assert int(rank) == rank_for_bits(8, int(bits)), (path, bits, rank)
+            seen[int(bits)] = int(rank)
+    assert len(seen) >= 3 and len(set(seen.values())) == len(seen)  # widths differ, so ranks do
+
+
+def test_cli_default_falls_back_to_float_model_without_the_quant(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(model_io, "bundled_quant_path", lambda: tmp_path / "not-installed")
+    assert default_model()[0] == bundled_model_path()
+    code, stdout, _ = _cli(["lora", "train", "--data", str(data_dir), "-o", str(tmp_path / "ad"),
+                            "--dry-run"], capsys)
+    assert code == 0
+    assert (f"model: {bundled_model_path()} (default: the bundled float model; its OptiQ quant "
+            "is not installed)") in stdout
+    assert "rank scaling: constant (asked: by_bits)" in stdout and "q_proj float r8" in stdout

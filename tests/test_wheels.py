@@ -14,8 +14,15 @@ pytestmark = pytest.mark.slow
 PACKAGES = {
     "optiq_proto": ("import optiq.v1", ("mlx", "mlx_lm")),
     "optiq_core": (
+        # the bundled model and its OptiQ quant ship inside the wheel; the quant loads
+        # with stock mlx-lm and keeps its convert metadata (by_bits reads it)
         "import optiq.core, optiq.core.cpu; from optiq.core.model_io import validate_model_dir; "
-        "validate_model_dir(None)",  # the bundled model ships inside the wheel
+        "validate_model_dir(None); q, _ = validate_model_dir('bundled-quant'); "
+        "assert (q / 'optiq_metadata.json').is_file(); "
+        "import json; from mlx_lm import load; m, _ = load(str(q)); "
+        "c = json.loads((q / 'config.json').read_text())['quantization']; "
+        "assert m.layers[3].self_attn.q_proj.bits == "
+        "c['language_model.model.layers.3.self_attn.q_proj']['bits']",
         ("grpc",),
     ),
     "optiq_train": ("import optiq.train", ("grpc",)),

@@ -62,7 +62,13 @@ def train_cmd(model, data, output, max_seq_length, long_records, rank, rank_scal
               target_modules, num_layers, train_experts, scale, alpha, dropout, learning_rate, batch_size,
               iters, grad_checkpoint, mask_prompt, val_batches, steps_per_eval, steps_per_report,
               save_every, resume, overwrite, seed, compile_, dry_run, quiet) -> None:
-    """Train a LoRA adapter on MODEL (default: the bundled model)."""
+    """Train a LoRA adapter on MODEL.
+
+    MODEL is a local model directory, float or quantized (e.g. by optiq convert), or
+    "bundled" / "bundled-quant". Default: the bundled model's OptiQ quant (mixed 3-8 bit,
+    so by_bits ranks vary by layer), or the bundled float model when the quant is not
+    installed. The model used is printed first.
+    """
     import optiq.core  # noqa: F401  (OpenBLAS before MLX)
     from optiq.train.lora import LoraOptions, train_lora
     from optiq.train.progress import ProgressBar

@@ -17,6 +17,7 @@ from .errors import ModelLoadError
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED_MODEL_NAME = "optiq-tiny"
+BUNDLED_QUANT_NAME = "optiq-tiny-optiq"
 
 
 def bundled_model_path() -> Path:
@@ -24,10 +25,34 @@ def bundled_model_path() -> Path:
     return ASSETS / BUNDLED_MODEL_NAME
 
 
+def bundled_quant_path() -> Path:
+    """The bundled model's OptiQ quant (``optiq convert`` output, made by
+    ``tools/build_bundled_quant.py``), shipped beside it so QLoRA works out of the box."""
+    return ASSETS / BUNDLED_QUANT_NAME
+
+
+def has_bundled_quant() -> bool:
+    """Whether the bundled quant is installed (a source checkout may not have built it)."""
+    return (bundled_quant_path() / "config.json").is_file()
+
+
 def resolve_model_path(model: str | Path | None) -> Path:
-    """``None`` or ``"bundled"`` means the bundled model; anything else is a local dir."""
-    if model is None or str(model) in ("", "bundled", BUNDLED_MODEL_NAME):
+    """``None`` or ``"bundled"`` means the bundled model, ``"bundled-quant"`` its OptiQ
+    quant; anything else is a local dir (which wins over a bundled name it shares)."""
+    if model is None or str(model) == "":
         return bundled_model_path()
+    name = str(model)
+    if Path(name).expanduser().exists():
+        return Path(name).expanduser()
+    if name in ("bundled", BUNDLED_MODEL_NAME):
+        return bundled_model_path()
+    if name in ("bundled-quant", BUNDLED_QUANT_NAME):
+        if not has_bundled_quant():
+            raise ModelLoadError(
+                f"the bundled quant is not installed at {bundled_quant_path()}: build it with "
+                "`uv run python tools/build_bundled_quant.py`, or use 'bundled' (the float model)"
+            )
+        return bundled_quant_path()
     return Path(model).expanduser()
 
 

@@ -25,7 +25,7 @@ from .trainer import TrainArgs, TrainResult, list_checkpoints, train
 class LoraOptions:
     data: Path
     output: Path
-    model: str | Path | None = None
+    model: str | Path | None = None  # None: default_model()
     rank: int = 8
     rank_scaling: str = "by_bits"
     reference_bits: int = REFERENCE_BITS
@@ -41,6 +41,17 @@ class LoraOptions:
     overwrite: bool = False
     dry_run: bool = False
     train: TrainArgs = field(default_factory=TrainArgs)
+
+
+def default_model() -> tuple[Path, str]:
+    """The model ``optiq lora train`` uses without MODEL, and why: the bundled model's OptiQ
+    quant (QLoRA on what ``optiq convert`` makes, with mixed bits for by_bits to follow)
+    when it is installed, else the bundled float model."""
+    from optiq.core import model_io
+
+    if model_io.has_bundled_quant():
+        return model_io.bundled_quant_path(), "default: the bundled model's OptiQ quant"
+    return model_io.bundled_model_path(), "default: the bundled float model; its OptiQ quant is not installed"
 
 
 def format_plan(plan: RankPlan, selection: TargetSelection, total_params: int) -> list[str]:
@@ -127,8 +138,9 @@ def train_lora(opts: LoraOptions, echo: Callable[[str], None] = print, reporter=
         raise ConfigError(f"--dropout must be in [0, 1), got {opts.dropout}")
     opts.train.check()
 
-    lm = load_model(opts.model, fast_cpu=True)
-    echo(f"model: {lm.path}")
+    model, why = (opts.model, "") if opts.model is not None else default_model()
+    lm = load_model(model, fast_cpu=True)
+    echo(f"model: {lm.path}" + (f" ({why})" if why else ""))
     train_set, valid_set = load_data_dir(
         data_dir,
         lm.tokenizer,
