@@ -4,14 +4,17 @@
 
 Both get the same calibration tokens (the bundled calibration set, tokenized by the
 model's tokenizer) and the same model. ``dynamic_quant`` runs as a user would run it
-(``mlx_lm.load``: bf16 weights) and, for fairness, also on an fp32 copy. OptiQ's pass is
-timed from the loaded model to the finished sensitivity table, exactly as ``optiq
-convert`` runs it: reference pass (layer outputs, Hessians, reference distribution),
-GPTQ rounding of every layer at every candidate width, and either the probe-based
-second-order estimate plus measured passes for the layers whose estimate is large
-(``fisher``, the default) or one measured forward pass per layer and width
-(``measured``). Each row runs in a fresh process, in
-turn, so the machine's load hits all of them alike.
+(``mlx_lm.load``: bf16 weights) and, for fairness, also on an fp32 copy; it looks at two
+widths (``--bits``, default 4,8). OptiQ's pass is timed from the loaded model to the
+finished sensitivity table, exactly as ``optiq convert`` runs it
+(``optiq.core.quant.convert.sensitivity_pass``): for ``fisher`` (the default) one
+forward+backward pass per batch that records the reference (layer outputs, Hessians,
+reference distribution) and the probe gradients, RTN weight errors of every layer at
+every width, the second-order estimate, and measured passes for the layers whose
+estimate is large; for ``measured``, the reference pass and one forward pass per layer
+and width (GPTQ-rounded). Rows ``optiq-fisher`` (same two widths as dynamic_quant) and
+``optiq-fisher@3/4/5/6/8`` (convert's default five widths) are both shown. Each row runs
+in a fresh process, in turn, so the machine's load hits all of them alike.
 """
 
 from __future__ import annotations
@@ -57,24 +60,21 @@ def run_one(kind: str, model_path: str, n: int, seq_len: int, bits: str) -> dict
 
     from optiq.core.cpu import cast_floats
     from optiq.core.model_io import load_model
-    from optiq.core.quant.convert import estimate_sensitivities
-    from optiq.core.quant.sensitivity import capture_reference
+    from optiq.core.quant.convert import sensitivity_pass
     from optiq.core.quant.targets import find_targets
 
     lm = load_model(model_path, fast_cpu=False)
     model = lm.model
     cast_floats(model, mx.float32)
     targets = [t for t in find_targets(model, 64) if t.quantizable]
-    t0 = time.perf_counter()
-    ref = capture_reference(model, tokens, targets, check_replay=False)
-    t_ref = time.perf_counter() - t0
     passes = []
-    estimate_sensitivities(
-        model, ref, targets, candidate, mx.bfloat16, "gptq",
-        estimator="fisher" if kind == "optiq-fisher" else "measured",
+    estimator = "measured" if kind == "optiq-measured" else "fisher"
+    t0 = time.perf_counter()
+    sensitivity_pass(
+        model, tokens, targets, candidate, mx.bfloat16, "gptq", estimator=estimator,
         on_pass=lambda p, b: passes.append(p),
     )
-    return {"seconds": time.perf_counter() - t0, "reference_seconds": t_ref, "passes": len(passes)}
+    return {"seconds": time.perf_counter() - t0, "passes": len(passes)}
 
 
 def main() -> None:
@@ -83,7 +83,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="calibration sequences")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--bits", default="4,8", help="low,high bit widths (dynamic_quant uses two)")
-    ap.add_argument("--rows", default="dynamic_quant,dynamic_quant-fp32,optiq-fisher,optiq-measured")
+    ap.add_argument("--rows", default="dynamic_quant,dynamic_quant-fp32,optiq-fisher,optiq-fisher@3/4/5/6/8,optiq-measured",
+                    help="comma-separated; KIND@B1/B2/... overrides --bits for one row")
     ap.add_argument("--llama", type=int, default=None, metavar="HIDDEN",
                     help="instead: a random-weight bf16 Llama-style model with this hidden size "
                          "(4 layers, MLP 3x hidden, vocab 2048): a matmul-bound shape")
@@ -115,24 +116,24 @@ def main() -> None:
         print(json.dumps(run_one(args.one, model, args.n, args.seq_len, args.bits)))
         return
     rows = {}
-    for kind in args.rows.split(","):
+    for row in args.rows.split(","):
+        kind, _, bits = row.partition("@")
+        bits = bits.replace("/", ",") or args.bits
         cmd = [sys.executable, __file__, "--one", kind, "--model", model, "--n", str(args.n),
-               "--seq-len", str(args.seq_len), "--bits", args.bits]
+               "--seq-len", str(args.seq_len), "--bits", bits]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr[-2000:], file=sys.stderr)
-            raise SystemExit(f"{kind} failed")
-        rows[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"  {kind}: {rows[kind]['seconds']:.1f}s", file=sys.stderr)
+            raise SystemExit(f"{row} failed")
+        rows[row] = {**json.loads(out.stdout.strip().splitlines()[-1]), "bits": bits}
+        print(f"  {row}: {rows[row]['seconds']:.1f}s", file=sys.stderr)
     base = rows.get("dynamic_quant", next(iter(rows.values())))["seconds"]
     toks = args.n * args.seq_len
-    print(f"\nSensitivity pass on {model} ({toks} calibration tokens: {args.n} x {args.seq_len}; bits {args.bits})")
-    print(f"{'method':<22} {'seconds':>8} {'vs dynamic_quant':>17}  notes")
-    for kind, r in rows.items():
-        note = ""
-        if "passes" in r:
-            note = f"reference pass {r['reference_seconds']:.1f}s, {r['passes']} measured forward passes"
-        print(f"{kind:<22} {r['seconds']:>8.1f} {base / r['seconds']:>16.2f}x  {note}")
+    print(f"\nSensitivity pass on {model} ({toks} calibration tokens: {args.n} x {args.seq_len})")
+    print(f"{'method':<20} {'bits':<10} {'seconds':>8} {'vs dynamic_quant':>17}  notes")
+    for row, r in rows.items():
+        note = f"{r['passes']} measured forward passes" if "passes" in r else ""
+        print(f"{row.partition('@')[0]:<20} {r['bits']:<10} {r['seconds']:>8.1f} {base / r['seconds']:>16.2f}x  {note}")
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
 

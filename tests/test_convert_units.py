@@ -199,3 +199,48 @@ def test_calibration_renders_chats_with_the_model_template(bundled_model_dir, tm
     assert tok.eos_token_id in cal.tokens  # records are joined with EOS
     assert build_calibration(tok, None, n_sequences=8, seq_len=256).tokens.shape == (8, 256)
     assert build_calibration(tok, None, n_sequences=10_000, seq_len=256).tokens.shape[0] >= 32
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_rtn_error_is_mlx_lm_convert_rounding_minus_weight(bits):
+    """The fisher estimate's fake-quant (in MLX) equals what ``rtn`` rounding writes."""
+    from optiq.core.quant.fisher import rtn_error
+
+    w = np.random.default_rng(bits).normal(size=(16, 128)).astype(np.float32)
+    want = quantize_weight(w, [bits], 64, mx.bfloat16, "rtn")[bits].dequantize() - w
+    got = np.array(rtn_error(mx.array(w), bits, 64, mx.bfloat16))
+    assert got.dtype == np.float32
+    assert np.allclose(got, want, atol=1e-6)
+    assert np.abs(got).max() > 0
+
+
+def test_reference_and_estimate_equals_separate_passes(bundled_model_dir):
+    """One forward+backward gives the same reference and estimates as the two-pass path."""
+    from optiq.core.cpu import cast_floats
+    from optiq.core.model_io import load_model
+    from optiq.core.quant.calibration import build_calibration
+    from optiq.core.quant.fisher import fisher_sensitivities, reference_and_estimate
+    from optiq.core.quant.sensitivity import capture_reference
+    from optiq.core.quant.targets import find_targets
+
+    lm = load_model(bundled_model_dir, fast_cpu=False)
+    cast_floats(lm.model, mx.float32)
+    tokens = build_calibration(lm.tokenizer, None, 2, 32).tokens
+    active = [t for t in find_targets(lm.model, 64) if t.quantizable]
+    ref1 = capture_reference(lm.model, tokens, active, batch_size=1, check_replay=False)
+    est1 = fisher_sensitivities(lm.model, ref1, active, (4, 8), mx.bfloat16, "rtn", n_probes=1)
+    ref2, est2 = reference_and_estimate(lm.model, tokens, active, (4, 8), mx.bfloat16, batch_size=1)
+
+    assert ref2.hessian_key == ref1.hessian_key and ref2.start_layer == ref1.start_layer
+    assert set(ref2.hessians) == set(ref1.hessians)
+    for k, h in ref1.hessians.items():
+        assert np.allclose(ref2.hessians[k], h, rtol=1e-5, atol=1e-7)
+    for d1, d2 in zip(ref1.dists, ref2.dists):
+        assert np.allclose(d1.p, d2.p, atol=1e-6)
+    for o1, o2 in zip(ref1.layer_outputs, ref2.layer_outputs):
+        assert all(np.allclose(np.array(a), np.array(b), atol=1e-5) for a, b in zip(o1, o2))
+    assert set(est2) == {t.path for t in active}
+    for p, r in est1.items():
+        assert set(r.kl) == set(est2[p].kl) == {4, 8} and est2[p].measured == []
+        assert est2[p].kl[4] > 0 and est2[p].kl[8] <= est2[p].kl[4]
+        assert est2[p].kl[4] == pytest.approx(r.kl[4], rel=1e-3, abs=1e-12)  # same seed, same probes

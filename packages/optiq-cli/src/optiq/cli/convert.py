@@ -84,6 +84,10 @@ def summary_lines(result) -> list[str]:
                    "measured: one forward pass per layer and width.")
 @click.option("--rounding", type=click.Choice(["gptq", "clip", "rtn"]), default=None,
               help="Rounding inside MLX's format (default: gptq for optiq, clip for static).")
+@click.option("--estimate-rounding", type=click.Choice(["rtn", "clip", "gptq"]), default=None,
+              help="Fake-quantization the sensitivities are computed with (default: rtn for fisher -- "
+                   "fast, data-free; GPTQ then runs once per layer at its chosen width -- and "
+                   "--rounding for measured).")
 @click.option("--sensitivities", "sensitivities_file", type=click.Path(), default=None,
               help="Save measured sensitivities to FILE and reuse them on later runs "
                    "(same model, calibration and settings): convert at several sizes, measure once.")
@@ -92,8 +96,8 @@ def summary_lines(result) -> list[str]:
 @click.option("--no-plot", is_flag=True, help="Do not write sensitivity.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (optiq_metadata.json).")
 def convert(model, output, target_bpw, candidate_bits, group_size, calibration, n_calibration, seq_len,
-            method, bpw_kind, estimator, rounding, sensitivities_file, force, no_resume, no_plot,
-            as_json) -> None:
+            method, bpw_kind, estimator, rounding, estimate_rounding, sensitivities_file, force, no_resume,
+            no_plot, as_json) -> None:
     """Quantize MODEL to mixed precision at --target-bpw, bits chosen by measured sensitivity.
 
     MODEL is a local HF-style directory with bf16/fp16/fp32 safetensors (default: the
@@ -106,7 +110,7 @@ def convert(model, output, target_bpw, candidate_bits, group_size, calibration, 
         model, output, target_bpw=target_bpw, candidate_bits=candidate_bits, group_size=group_size,
         calibration=calibration, n_calibration=n_calibration, method=method, force=force,
         bpw_kind=bpw_kind, rounding=rounding, seq_len=seq_len, resume=not no_resume, plot=not no_plot,
-        estimator=estimator, sensitivities_file=sensitivities_file,
+        estimator=estimator, sensitivities_file=sensitivities_file, estimate_rounding=estimate_rounding,
         progress=not as_json, log=None if as_json else (lambda s: click.echo(s, err=True)),
     )
     if as_json:

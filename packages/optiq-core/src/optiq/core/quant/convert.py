@@ -37,6 +37,7 @@ from .calibration import (
 )
 from .formats import DTYPE_BITS, check_group_size, dtype_name, parse_bits
 from .rounding import ROUNDING_METHODS, Quantized
+from .fisher import ESTIMATE_ROUNDING
 from .sensitivity import (
     MEASURE_FLOOR,
     Checkpoint,
@@ -53,7 +54,11 @@ ESTIMATORS = ("fisher", "measured")
 # A spread of widths lets the allocation trade 3-bit layers for 5/6/8-bit ones at equal size;
 # on the bundled model that halves the KL of a 4/8-only allocation at the same budget.
 DEFAULT_CANDIDATE_BITS = (3, 4, 5, 6, 8)
-MEASURE_ABOVE = 0.02
+# Fisher estimates at or above this (nats) are re-measured by forward passes (one full
+# forward per leaf and width). Off by default: with RTN estimate errors, measuring the large
+# ones did not improve held-out KL on the bundled model (benchmarks/convert_quality.py), and
+# it costs as much as the whole estimate per pass. Pass e.g. 0.02 to turn it on.
+MEASURE_ABOVE = float("inf")
 METADATA_FILE = "optiq_metadata.json"
 PLOT_FILE = "sensitivity.png"
 FORMAT_VERSION = 1
@@ -209,6 +214,7 @@ def convert(
     n_probes: int = 1,
     measure_above: float = MEASURE_ABOVE,
     sensitivities_file: str | Path | None = None,
+    estimate_rounding: str | None = None,
 ) -> ConvertResult:
     """Convert a full-precision model directory into a mixed-precision MLX model at ``out_dir``.
 
@@ -216,6 +222,9 @@ def convert(
     only that leaf quantized); ``"fisher"`` estimates all of them to second order from a
     few probe backward passes (:mod:`.fisher`) and measures exactly the leaves whose
     estimate reaches ``measure_above`` (where a second-order estimate is least exact).
+    ``estimate_rounding``: the fake-quantization the sensitivities are computed with
+    (default: ``rtn`` for ``fisher`` -- data-free and fast; GPTQ then runs only once per
+    leaf, at its chosen width -- and ``rounding`` for ``measured``).
     ``sensitivities_file``: reuse / save sensitivities across runs (e.g. several targets).
     ``on_pass(leaf_path, bits, passes_done)`` is called after every measurement pass
     (progress reporting; raising from it interrupts the run, leaving a checkpoint).
@@ -231,6 +240,8 @@ def convert(
     out = Path(out_dir).expanduser()
     if estimator not in ESTIMATORS:
         raise ConfigError(f"unknown estimator '{estimator}': use 'fisher' or 'measured'")
+    if estimate_rounding is not None and estimate_rounding not in ROUNDING_METHODS:
+        raise ConfigError(f"unknown estimate rounding '{estimate_rounding}': use one of {', '.join(ROUNDING_METHODS)}")
     path, config, bits, rounding, records = validate_request(
         model_path, out, target_bpw, candidate_bits, group_size, calibration,
         n_calibration, method, force, bpw_kind, rounding, seq_len,
@@ -296,12 +307,12 @@ def convert(
             "records": calib.records,
         }
         say(f"calibration: {calib.n_tokens} tokens ({calib_info['sequences']} x {seq_len}) from {calib.source}")
-        ref = capture_reference(model, calib.tokens, active, batch_size=batch_size, check_replay=False)
-        seconds["reference"] = time.time() - t0
+        seconds["calibration"] = time.time() - t0
+        est_rounding = estimate_rounding or (ESTIMATE_ROUNDING if estimator == "fisher" else rounding)
         fp = fingerprint(
             FORMAT_VERSION, str(path.resolve()), read_config(path), _weights_fingerprint(path),
             calib.fingerprint(), rounding, group_size, list(bits), measure_floor, dtype_name(out_dtype),
-            estimator, n_probes, measure_above,
+            estimator, n_probes, measure_above, est_rounding,
         )
         keep_file = sensitivities_file is not None
         ckpt = Checkpoint(Path(sensitivities_file) if keep_file else _checkpoint_path(out), fp, resume=resume or keep_file)
@@ -316,8 +327,9 @@ def convert(
                 on_pass(path_, b, done[0])
 
         t0 = time.time()
-        sens = estimate_sensitivities(
-            model, ref, active, bits, out_dtype, rounding, estimator=estimator, n_probes=n_probes,
+        ref, sens = sensitivity_pass(
+            model, calib.tokens, active, bits, out_dtype, rounding, estimator=estimator,
+            estimate_rounding=est_rounding, n_probes=n_probes, batch_size=batch_size,
             measure_above=measure_above, measure_floor=measure_floor, checkpoint=ckpt,
             on_pass=tick, progress=progress, log=say,
         )
@@ -422,6 +434,55 @@ def convert(
     return result
 
 
+def sensitivity_pass(
+    model: Any,
+    tokens: np.ndarray,
+    active: list[Target],
+    bits: tuple[int, ...],
+    out_dtype: mx.Dtype,
+    rounding: str,
+    *,
+    estimator: str = "fisher",
+    estimate_rounding: str | None = None,
+    n_probes: int = 1,
+    batch_size: int = 8,
+    measure_above: float = MEASURE_ABOVE,
+    measure_floor: float = MEASURE_FLOOR,
+    checkpoint: Checkpoint | None = None,
+    on_pass: Callable[[str, int], None] | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Any, dict[str, LeafSensitivity]]:
+    """Reference pass + sensitivities, as :func:`convert` runs them: ``(ref, sensitivities)``.
+
+    With the ``fisher`` estimator and data-free (``rtn``) weight errors, the reference
+    forward pass and the probe backward pass are one pass
+    (:func:`.fisher.reference_and_estimate`); otherwise the reference comes first.
+    """
+    est_rounding = estimate_rounding or (ESTIMATE_ROUNDING if estimator == "fisher" else rounding)
+    ckpt = checkpoint if checkpoint is not None else Checkpoint(None, "")
+    if estimator == "fisher" and est_rounding == "rtn" and any(t.path not in ckpt.results for t in active):
+        from .fisher import reference_and_estimate
+
+        bar = _progress_bar(-(-len(tokens) // batch_size), "estimating sensitivity", progress)
+        ref, est = reference_and_estimate(
+            model, tokens, active, bits, out_dtype, batch_size=batch_size, n_probes=n_probes,
+            progress=(lambda p, b: bar.update(1)) if bar is not None else None,
+        )
+        if bar is not None:
+            bar.close()
+        ckpt.results.update({p: r for p, r in est.items() if p not in ckpt.results})
+        ckpt.save()
+    else:
+        ref = capture_reference(model, tokens, active, batch_size=batch_size, check_replay=False)
+    sens = estimate_sensitivities(
+        model, ref, active, bits, out_dtype, rounding, estimator=estimator, estimate_rounding=est_rounding,
+        n_probes=n_probes, measure_above=measure_above, measure_floor=measure_floor, checkpoint=ckpt,
+        on_pass=on_pass, progress=progress, log=log,
+    )
+    return ref, sens
+
+
 def estimate_sensitivities(
     model: Any,
     ref: Any,
@@ -431,6 +492,7 @@ def estimate_sensitivities(
     rounding: str,
     *,
     estimator: str = "fisher",
+    estimate_rounding: str | None = None,
     n_probes: int = 1,
     measure_above: float = MEASURE_ABOVE,
     measure_floor: float = MEASURE_FLOOR,
@@ -439,12 +501,15 @@ def estimate_sensitivities(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, LeafSensitivity]:
-    """The sensitivity stage of :func:`convert` (after the reference pass).
+    """The sensitivity stage of :func:`convert` after a reference pass (see :func:`sensitivity_pass`).
 
-    ``fisher``: second-order estimates for every leaf and width, then leaves whose
-    estimate reaches ``measure_above`` are measured; ``measured``: every leaf measured.
-    Results go to ``checkpoint`` (resumable) when given.
+    ``fisher``: second-order estimates for every leaf and width (weight errors of
+    ``estimate_rounding``, default ``rtn``), then leaves whose estimate reaches
+    ``measure_above`` are measured with the same rounding; ``measured``: every leaf
+    measured (default: with ``rounding``, as written). Results go to ``checkpoint``
+    (resumable) when given.
     """
+    est_rounding = estimate_rounding or (ESTIMATE_ROUNDING if estimator == "fisher" else rounding)
     ckpt = checkpoint if checkpoint is not None else Checkpoint(None, "")
     say = log or (lambda s: None)
     bar = None
@@ -467,9 +532,9 @@ def estimate_sensitivities(
             if missing:
                 from .fisher import fisher_sensitivities
 
-                bar = _progress_bar(len(missing) + len(ref.batches), "estimating sensitivity", progress)
+                bar = _progress_bar(len(ref.batches), "estimating sensitivity", progress)
                 est = fisher_sensitivities(
-                    model, ref, missing, bits, out_dtype, rounding, n_probes=n_probes, progress=tick_bar,
+                    model, ref, missing, bits, out_dtype, est_rounding, n_probes=n_probes, progress=tick_bar,
                 )
                 ckpt.results.update(est)
                 ckpt.save()
@@ -487,7 +552,7 @@ def estimate_sensitivities(
                 ckpt.results = {p: r for p, r in ckpt.results.items() if p not in drop}
                 bar = _progress_bar(len(verify) * len(bits), "measuring sensitivity", progress)
                 ckpt.results.update(
-                    measure_sensitivities(model, ref, verify, bits, out_dtype, rounding, measure_floor, ckpt, tick)
+                    measure_sensitivities(model, ref, verify, bits, out_dtype, est_rounding, measure_floor, ckpt, tick)
                 )
             return {t.path: ckpt.results[t.path] for t in active}
         todo = [t for t in active if t.path not in ckpt.results]
@@ -495,7 +560,7 @@ def estimate_sensitivities(
             1 if t.pinned else len([b for b in bits if 4.0 ** (min(bits) - b) >= measure_floor]) for t in todo
         )
         bar = _progress_bar(est_passes, "measuring sensitivity", progress)
-        return measure_sensitivities(model, ref, active, bits, out_dtype, rounding, measure_floor, ckpt, tick)
+        return measure_sensitivities(model, ref, active, bits, out_dtype, est_rounding, measure_floor, ckpt, tick)
     finally:
         if bar is not None:
             bar.close()

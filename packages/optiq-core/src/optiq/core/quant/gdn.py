@@ -21,7 +21,9 @@ from typing import Iterator
 
 import mlx.core as mx
 
-CHUNK = 64
+# 32 beats 64 on a 2-core CPU (forward 16 vs 26 ms, forward+backward 62 vs 83 ms for 8 x 256
+# tokens, 4 heads of 32): less work in the per-chunk triangular solve and decay matrices.
+CHUNK = 32
 
 
 @mx.custom_function

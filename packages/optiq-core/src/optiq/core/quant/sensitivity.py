@@ -90,34 +90,50 @@ def _accumulate_experts(store: dict, key: str, x: mx.array, idx: mx.array, n_exp
         c[e] += len(Xe)
 
 
-def capture_reference(
-    model: nn.Module,
-    tokens: np.ndarray,
-    targets: list[Target],
-    batch_size: int = 8,
-    progress: Callable[[int], None] | None = None,
-    check_replay: bool = True,
-) -> Reference:
-    """Run the full-precision model once over ``tokens`` [n, T] and record what we need."""
-    t0 = time.time()
-    layers = decoder_layers(model)
-    n_layers = len(layers)
-    store: dict[str, Any] = {}
-    order: list[tuple[str, Any]] = []
-    cur_outputs: list[mx.array | None] = [None] * n_layers
+class ReferenceRecorder:
+    """Hooks that record, while the full-precision model runs over calibration batches,
+    everything a :class:`Reference` holds (layer outputs, leaf-input Hessians, the order
+    leaves run in). Used by :func:`capture_reference` and, to share one forward pass with
+    the probe backward pass, by :func:`optiq.core.quant.fisher.reference_and_estimate`.
+    """
 
-    def layer_hook(i):
+    def __init__(self, model: nn.Module, targets: list[Target]):
+        self.model = model
+        self.targets = targets
+        self.n_layers = len(decoder_layers(model))
+        self.store: dict[str, Any] = {}
+        self.order: list[tuple[str, Any]] = []
+        self.first_order: list[tuple[str, Any]] = []
+        self.cur_outputs: list[mx.array | None] = [None] * self.n_layers
+        self.batch_inputs: dict[int, tuple[mx.array, str]] = {}
+        self.shared: dict[str, str] = {}  # leaf -> leaf whose identical input it shares
+        self.batches: list[mx.array] = []
+        self.dists: list[RefDist] = []
+        self.outs: list[list[mx.array | None]] = []
+
+    def hooks(self) -> dict[int, tuple[nn.Module, Callable]]:
+        """``call_hooks`` mapping: decoder layers record outputs, leaves their inputs."""
+        hooks: dict[int, tuple[nn.Module, Callable]] = {}
+        for i, layer in enumerate(decoder_layers(self.model)):
+            hooks[id(layer)] = (layer, self._layer_hook(i))
+        for t in self.targets:
+            if t.quantizable:
+                mod = get_module(self.model, t.path)
+                hooks[id(mod)] = (mod, self._leaf_hook(t))
+        return hooks
+
+    def _layer_hook(self, i: int) -> Callable:
         def fn(mod, args, kwargs, out):
-            cur_outputs[i] = out
-            order.append(("layer", i))
+            self.cur_outputs[i] = out
+            self.order.append(("layer", i))
 
         return fn
 
-    def leaf_hook(t: Target):
-        mod = get_module(model, t.path)
+    def _leaf_hook(self, t: Target) -> Callable:
+        store = self.store
 
         def fn(m, args, kwargs, out):
-            order.append(("leaf", t.path))
+            self.order.append(("leaf", t.path))
             if t.kind == "embedding":
                 if kwargs.get("as_linear"):
                     _accumulate_linear(store, t.path, args[0])
@@ -129,47 +145,49 @@ def capture_reference(
                 _accumulate_experts(store, t.path, args[0], args[1], n_exp, diag)
                 return
             x = args[0]
-            seen = batch_inputs.get(id(x))
+            seen = self.batch_inputs.get(id(x))
             if seen is not None and seen[0] is x:  # same input as an earlier leaf (q/k/v...)
-                shared[t.path] = seen[1]
+                self.shared[t.path] = seen[1]
                 return
-            batch_inputs[id(x)] = (x, t.path)  # holding x keeps its id unique in the batch
+            self.batch_inputs[id(x)] = (x, t.path)  # holding x keeps its id unique in the batch
             _accumulate_linear(store, t.path, x)
 
-        return mod, fn
+        return fn
 
-    hooks: dict[int, tuple[nn.Module, Callable]] = {}
-    for i, layer in enumerate(layers):
-        hooks[id(layer)] = (layer, layer_hook(i))
-    for t in targets:
-        if t.quantizable:
-            mod, fn = leaf_hook(t)
-            hooks[id(mod)] = (mod, fn)
+    def begin_batch(self) -> None:
+        self.order.clear()
+        self.batch_inputs.clear()
 
-    batch_inputs: dict[int, tuple[mx.array, str]] = {}
-    shared: dict[str, str] = {}  # leaf -> leaf whose identical input it shares
-    batches, dists, outs = [], [], []
-    counts = np.zeros(1, dtype=np.int64)
-    with fast_gated_delta(), call_hooks(hooks):
-        for s in range(0, len(tokens), batch_size):
-            x = mx.array(tokens[s : s + batch_size])
-            order.clear()
-            batch_inputs.clear()
-            logits = model(x)
-            mx.eval(logits, [o for o in cur_outputs if o is not None])
-            mx.eval([v[0] for v in store.values() if isinstance(v[0], mx.array)])
-            batch_inputs.clear()
-            batches.append(x)
-            dists.append(RefDist.from_logits(logits))
-            outs.append(list(cur_outputs))
-            if s == 0:
-                first_order = list(order)
-            if progress:
-                progress(len(x))
-    flat = tokens.reshape(-1)
-    vocab = max(int(flat.max()) + 1, 1)
-    counts = np.bincount(flat, minlength=vocab)
+    def end_batch(self, x: mx.array, logits: mx.array) -> None:
+        """Evaluate what the batch recorded and keep it (call after the forward pass)."""
+        mx.eval(logits, [o for o in self.cur_outputs if o is not None])
+        mx.eval([v[0] for v in self.store.values() if isinstance(v[0], mx.array)])
+        self.batch_inputs.clear()
+        self.batches.append(x)
+        self.dists.append(RefDist.from_logits(logits))
+        self.outs.append(list(self.cur_outputs))
+        if len(self.batches) == 1:
+            self.first_order = list(self.order)
 
+    def finish(self, tokens: np.ndarray, t0: float) -> Reference:
+        """The :class:`Reference` (Hessians normalized and de-duplicated, start layers)."""
+        flat = tokens.reshape(-1)
+        counts = np.bincount(flat, minlength=max(int(flat.max()) + 1, 1))
+        hessians, hessian_key = _finish_hessians(self.store, self.shared)
+        return Reference(
+            batches=self.batches,
+            dists=self.dists,
+            layer_outputs=self.outs,
+            hessians=hessians,
+            hessian_key=hessian_key,
+            token_counts=counts,
+            start_layer=_start_layers(self.targets, self.first_order, self.n_layers),
+            seconds=time.time() - t0,
+        )
+
+
+def _finish_hessians(store: dict[str, Any], shared: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Normalize accumulated ``sum x x^T`` to ``E[x x^T]`` and keep one copy of equal ones."""
     hessians = {}
     for key in shared:  # a leaf fed a shared input keeps no Hessian of its own
         store.pop(key, None)
@@ -202,8 +220,11 @@ def capture_reference(
         while hessian_key.get(k, k) != k:
             k = hessian_key[k]
         hessian_key[key] = k
+    return hessians, hessian_key
 
-    # Where a partial forward must start for each leaf.
+
+def _start_layers(targets: list[Target], first_order: list[tuple[str, Any]], n_layers: int) -> dict[str, int]:
+    """Where a partial forward must start for each leaf."""
     last_layer_pos = max((k for k, (kind, _) in enumerate(first_order) if kind == "layer"), default=-1)
     start = {}
     for t in targets:
@@ -212,16 +233,28 @@ def capture_reference(
         else:
             pos = [k for k, (kind, p) in enumerate(first_order) if kind == "leaf" and p == t.path]
             start[t.path] = n_layers if pos and min(pos) > last_layer_pos and t.kind != "embedding" else 0
-    ref = Reference(
-        batches=batches,
-        dists=dists,
-        layer_outputs=outs,
-        hessians=hessians,
-        hessian_key=hessian_key,
-        token_counts=counts,
-        start_layer=start,
-        seconds=time.time() - t0,
-    )
+    return start
+
+
+def capture_reference(
+    model: nn.Module,
+    tokens: np.ndarray,
+    targets: list[Target],
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+    check_replay: bool = True,
+) -> Reference:
+    """Run the full-precision model once over ``tokens`` [n, T] and record what we need."""
+    t0 = time.time()
+    rec = ReferenceRecorder(model, targets)
+    with fast_gated_delta(), call_hooks(rec.hooks()):
+        for s in range(0, len(tokens), batch_size):
+            x = mx.array(tokens[s : s + batch_size])
+            rec.begin_batch()
+            rec.end_batch(x, model(x))
+            if progress:
+                progress(len(x))
+    ref = rec.finish(tokens, t0)
     ref.replay_ok = _check_replay(model, ref) if check_replay else False
     ref.replay_checked = check_replay
     return ref
