@@ -43,20 +43,13 @@ def load_texts(path: str | Path | None = None) -> list[str]:
     ``None`` reads the bundled held-out text. Chat records are kept as message lists
     (rendered later with the tokenizer's chat template).
     """
-    p = Path(path).expanduser() if path is not None else default_eval_text()
-    if not p.exists():
-        raise DataError(f"evaluation data {p} does not exist")
-    if not p.is_file():
-        raise DataError(f"evaluation data {p} is not a file")
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read evaluation data {p}: {e}") from None
-    if p.suffix == ".jsonl":
-        from .quant.calibration import load_records
+    from .quant.calibration import load_records, read_text_file
 
-        recs = load_records(p)
+    p = Path(path).expanduser() if path is not None else default_eval_text()
+    if p.suffix == ".jsonl":
+        recs = load_records(p, "evaluation data")
         return [r["text"] if "text" in r else json.dumps(r["messages"]) for r in recs]
+    raw = read_text_file(p, "evaluation data")
     if not raw.strip():
         raise DataError(f"evaluation data {p} is empty")
     return [raw]

@@ -37,17 +37,23 @@ def _check_messages(msgs: Any, where: str) -> None:
             raise DataError(f"{where}: message {j} 'content' must be a string")
 
 
-def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Read and validate a calibration jsonl; every problem is a :class:`DataError`."""
-    p = Path(path).expanduser()
+def read_text_file(p: Path, what: str) -> str:
+    """The UTF-8 text of ``p``; a missing, non-regular or unreadable file is a
+    :class:`DataError` naming ``what`` it was meant to be."""
     if not p.exists():
-        raise DataError(f"calibration file {p} does not exist")
+        raise DataError(f"{what} {p} does not exist")
     if not p.is_file():
-        raise DataError(f"calibration file {p} is not a file")
+        raise DataError(f"{what} {p} is not a file")
     try:
-        raw = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read calibration file {p}: {e}") from None
+        raise DataError(f"cannot read {what} {p}: {e}") from None
+
+
+def load_records(path: str | Path, what: str = "calibration file") -> list[dict[str, Any]]:
+    """Read and validate a jsonl of text/messages records; every problem is a :class:`DataError`."""
+    p = Path(path).expanduser()
+    raw = read_text_file(p, what)
     records = []
     for i, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
@@ -68,7 +74,7 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"{where}: a record needs a string 'text' or a 'messages' list")
         records.append(rec)
     if not records:
-        raise DataError(f"calibration file {p} has no records")
+        raise DataError(f"{what} {p} has no records")
     return records
 
 
