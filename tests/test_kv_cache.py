@@ -166,6 +166,26 @@ def test_unpacked_key_scores_equal_quantized_matmul(bits, head_dim, group_size):
     assert mx.allclose(unpacked_scores(q, w, s, b, bits, group_size), ref, atol=1e-4).item()
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_compiled_decode_attention_follows_growing_lengths(bits):
+    """The shapeless-compiled decode kernels are traced once per format: every later
+    context length must still give the uncompiled result (shape and values)."""
+    from optiq.core.kv import attention
+
+    mx.random.seed(bits)
+    for length in (7, 40, 300, 41):
+        k, v = mx.random.normal((1, 2, length, 64)), mx.random.normal((1, 2, length, 64))
+        q = mx.random.normal((1, 2, 3, 64))
+        kw, ks, kb = quant.quantize(k, bits, 64)
+        vw, vs, vb = quant.quantize(v, 4, 64)
+        scores = attention._key_scores(q, kw, ks, kb, bits, 64)
+        assert scores.shape == (1, 2, 3, length)
+        assert mx.allclose(scores, unpacked_scores(q, kw, ks, kb, bits, 64), atol=1e-5).item()
+        out = attention._compiled_softmax_values(4, 64)(scores, vw, vs, vb)
+        ref = attention._softmax_values(4, 64, scores, vw, vs, vb)
+        assert out.shape == (1, 2, 3, 64) and mx.allclose(out, ref, atol=1e-6).item()
+
+
 def test_simulated_cache_scores_like_token_by_token_decoding(tiny, prompts):
     """One teacher-forced forward with SimulatedKVCache == decoding through MixedKVCache."""
     model = tiny.model

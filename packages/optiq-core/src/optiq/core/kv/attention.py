@@ -10,14 +10,16 @@ models in the process.
 For a few query rows (decode) it multiplies with the packed codes via
 ``mx.quantized_matmul`` (K at ``k_bits``, V at ``v_bits``; on the CPU, keys at 2/4/8
 bits go through :func:`unpacked_scores`, which is faster there), never materialising a
-full-precision copy of the cache; for many rows (prefill) it uses the lazily
-dequantized keys/values the cache returned and the fused SDPA, which is much faster
-there (MLX's quantized matmul is slow for many rows on the CPU).
+full-precision copy of the cache (the decode math is ``mx.compile``-d shapelessly, so
+MLX fuses the code unpacking and one trace serves every context length); for many
+rows (prefill) it uses the lazily dequantized keys/values the cache returned and the
+fused SDPA, which is much faster there (MLX's quantized matmul is slow for many rows on the CPU).
 """
 
 from __future__ import annotations
 
 import sys
+from functools import lru_cache
 from typing import Any
 
 import mlx.core as mx
@@ -71,6 +73,52 @@ def unpacked_scores(q: mx.array, w: mx.array, scales: mx.array, biases: mx.array
     return out
 
 
+def _plane_scores(bits: int, q_planes: list[mx.array], q_sum: mx.array, codes: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+    """:func:`unpacked_scores` for one group per row (``group_size == head_dim``).
+
+    Takes the query already split into its strided planes (slicing cannot be compiled
+    shapelessly), so the rest is shape-agnostic: scales/biases are ``[.., L, 1]``.
+    """
+    mask = (1 << bits) - 1
+    dt = q_sum.dtype
+    raw = None
+    for j, qj in enumerate(q_planes):
+        c = codes if bits == 8 else (codes >> (j * bits)) & mask
+        r = qj @ c.astype(dt).swapaxes(-1, -2)
+        raw = r if raw is None else raw + r
+    return raw * scales.astype(dt).swapaxes(-1, -2) + q_sum * biases.astype(dt).swapaxes(-1, -2)
+
+
+def _softmax_values(bits: int, group_size: int, scores: mx.array, w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+    """Softmax over the scores, then the product with the packed values."""
+    probs = mx.softmax(scores, axis=-1, precise=True)
+    return mx.quantized_matmul(probs, w, scales, biases, transpose=False, group_size=group_size, bits=bits)
+
+
+# Decode runs these per layer and token with a context length that grows every step:
+# compiled shapelessly (one trace per format, not per length), MLX fuses the unpacking
+# into single kernels and skips most per-op dispatch overhead (~0.15 ms per layer/step).
+@lru_cache(maxsize=None)
+def _compiled_plane_scores(bits: int):
+    return mx.compile(lambda *a: _plane_scores(bits, *a), shapeless=True)
+
+
+@lru_cache(maxsize=None)
+def _compiled_softmax_values(bits: int, group_size: int):
+    return mx.compile(lambda *a: _softmax_values(bits, group_size, *a), shapeless=True)
+
+
+def _key_scores(q: mx.array, kw: mx.array, ks: mx.array, kb: mx.array, bits: int, group_size: int) -> mx.array:
+    """``q @ dequantize(keys).T`` by the fastest route for the device and format."""
+    if not (_ON_CPU() and bits in BYTE_ALIGNED_BITS):
+        return mx.quantized_matmul(q, kw, ks, kb, transpose=True, group_size=group_size, bits=bits)
+    if ks.shape[-1] != 1:
+        return unpacked_scores(q, kw, ks, kb, bits, group_size)
+    per = 8 // bits
+    q_planes = [q[..., j::per] for j in range(per)]
+    return _compiled_plane_scores(bits)(q_planes, q.sum(-1, keepdims=True), kw.view(mx.uint8), ks, kb)
+
+
 def quantized_attention(
     queries: mx.array,
     cache: _MixedBase,
@@ -88,10 +136,7 @@ def quantized_attention(
         ks, kb, vs, vb = (x.astype(dt) for x in (ks, kb, vs, vb))
     # Fold the query heads sharing one KV head into the row dimension: one matmul per KV head.
     q = (queries * scale).reshape(B, n_kv_heads, rep * N, D)
-    if _ON_CPU() and cache.k_bits in BYTE_ALIGNED_BITS:
-        scores = unpacked_scores(q, kw, ks, kb, cache.k_bits, cache.group_size)
-    else:
-        scores = mx.quantized_matmul(q, kw, ks, kb, transpose=True, group_size=cache.group_size, bits=cache.k_bits)
+    scores = _key_scores(q, kw, ks, kb, cache.k_bits, cache.group_size)
     if mask is not None:
         L = scores.shape[-1]
         scores = scores.reshape(B, n_kv_heads, rep, N, L)
@@ -106,8 +151,7 @@ def quantized_attention(
         else:
             scores = scores + mask
         scores = scores.reshape(B, n_kv_heads, rep * N, L)
-    probs = mx.softmax(scores, axis=-1, precise=True)
-    out = mx.quantized_matmul(probs, vw, vs, vb, transpose=False, group_size=cache.group_size, bits=cache.v_bits)
+    out = _compiled_softmax_values(cache.v_bits, cache.group_size)(scores, vw, vs, vb)
     return out.reshape(B, n_q_heads, N, -1)
 
 
