@@ -88,7 +88,9 @@ def test_expert_pool_rounding_uses_per_expert_hessians():
     assert res.codes.shape == w3.shape and res.scales.shape == (2, 32, 2)
 
 
-def test_chunked_gated_delta_matches_stepwise_values_and_grads():
+@pytest.mark.parametrize("gates", ["moderate", "tiny"])
+def test_chunked_gated_delta_matches_stepwise_values_and_grads(gates):
+    """Also with trained-like tiny gates (decays flushed to zero instead of denormals)."""
     from mlx_lm.models.gated_delta import gated_delta_ops, normalize_qk
 
     mx.random.seed(0)
@@ -97,16 +99,27 @@ def test_chunked_gated_delta_matches_stepwise_values_and_grads():
     k = mx.random.normal((B, T, Hk, D))
     v = mx.random.normal((B, T, Hv, D))
     q, k = normalize_qk(q, k, inv_scale=D**-0.5, eps=1e-6)
-    g = mx.random.uniform(0.3, 1.0, (B, T, Hv))
+    if gates == "moderate":
+        g = mx.random.uniform(0.3, 1.0, (B, T, Hv))
+    else:  # log-uniform over 1e-16 .. 0.5, median ~1e-8: most in-chunk decays underflow
+        g = mx.exp(mx.random.uniform(-37.0, -0.7, (B, T, Hv)))
     beta = mx.random.uniform(shape=(B, T, Hv))
     s0 = mx.random.normal((B, Hv, D, D)) * 0.1
     y1, s1 = gated_delta_ops(q, k, v, g, beta, s0)
     y2, s2 = chunked_gated_delta(q, k, v, g, beta, s0, chunk=16)
     assert mx.allclose(y1, y2, atol=1e-5).item() and mx.allclose(s1, s2, atol=1e-5).item()
     c = mx.random.normal(y1.shape)
-    g1 = mx.grad(lambda kk, bb: (gated_delta_ops(q, kk, v, g, bb, s0)[0] * c).sum(), argnums=(0, 1))(k, beta)
-    g2 = mx.grad(lambda kk, bb: (chunked_gated_delta(q, kk, v, g, bb, s0, chunk=16)[0] * c).sum(), argnums=(0, 1))(k, beta)
+    # Gradients w.r.t. the log-gate, as models produce gates (g = exp(-softplus(..)...)).
+    lg = mx.log(g)
+
+    def grads(fn):
+        loss = lambda kk, bb, ll: (fn(q, kk, v, mx.exp(ll), bb, s0)[0] * c).sum()
+        return mx.grad(loss, argnums=(0, 1, 2))(k, beta, lg)
+
+    g1 = grads(gated_delta_ops)
+    g2 = grads(lambda *a: chunked_gated_delta(*a, chunk=16))
     for a, b in zip(g1, g2):
+        assert mx.all(mx.isfinite(b)).item()
         assert mx.allclose(a, b, atol=1e-4).item()
 
 
