@@ -38,6 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..cpu import softmax
 from .gdn import fast_gated_delta
 from .hooks import call_hooks
 from .sensitivity import LeafSensitivity, Reference, ReferenceRecorder, quantize_targets
@@ -60,7 +61,7 @@ def rademacher(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
 
 def _graph_cotangent(logits: mx.array, e: mx.array) -> mx.array:
     """:func:`fisher_cotangent` in MLX from the logits, outside the gradient."""
-    p = mx.stop_gradient(mx.softmax(logits.astype(mx.float32), axis=-1))
+    p = mx.stop_gradient(softmax(logits.astype(mx.float32), axis=-1))
     sp = mx.sqrt(p)
     return mx.stop_gradient(sp * e - p * (sp * e).sum(-1, keepdims=True))
 
@@ -148,10 +149,16 @@ def _project(t: Target, use: str, args: tuple, g: mx.array, bank: ErrorBank) -> 
                 out[sel, k] = np.einsum("ij,ij->i", X[sel] @ bank.experts[t.path][b][e].T, gn[sel])
         return out
     X = args[0].astype(mx.float32).reshape(-1, args[0].shape[-1])
-    dw = bank.stacked[t.path].astype(mx.float32)
-    nb = dw.shape[0]
-    d = (X @ dw.reshape(-1, dw.shape[-1]).T).reshape(X.shape[0], nb, -1)  # all widths, one GEMM
-    return np.asarray((d * g[:, None, :]).sum(-1))
+    dw = bank.stacked[t.path].astype(mx.float32)  # [nb, out, in]
+    nb, n_out, n_in = dw.shape
+    # All widths in one GEMM, contracting over the larger side (same FLOPs either way;
+    # the longer inner dimension runs faster and leaves a smaller product to reduce):
+    # g . (dW x) as (dW x) . g when out <= in, as (g dW) . x otherwise (e.g. lm_head).
+    if n_out <= n_in:
+        d = (X @ dw.reshape(-1, n_in).T).reshape(X.shape[0], nb, n_out)
+        return np.asarray((d * g[:, None, :]).sum(-1))
+    d = (g @ dw.transpose(1, 0, 2).reshape(n_out, nb * n_in)).reshape(X.shape[0], nb, n_in)
+    return np.asarray((d * X[:, None, :]).sum(-1))
 
 
 def _use(kwargs: dict) -> str:
