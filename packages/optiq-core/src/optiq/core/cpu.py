@@ -9,6 +9,8 @@ what quantization is for. The swapped layers subclass MLX's quantized layers, so
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
@@ -21,6 +23,30 @@ DEQUANT_MIN_ROWS = 6
 
 def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
+
+
+def exp(x: mx.array) -> mx.array:
+    """``e ** x``, by the fastest exact route for the device.
+
+    MLX's CPU ``exp`` (its own polynomial) runs ~3x slower than its ``power`` (libm
+    ``pow``), which is as accurate (measured: ~6e-7 vs ~9e-7 max relative error, fp32).
+    Used in OptiQ's own hot paths: softmaxes over a vocabulary or a long context, decays.
+    """
+    if x.dtype == mx.float32 and on_cpu():
+        return mx.power(mx.array(math.e, dtype=mx.float32), x)
+    return mx.exp(x)
+
+
+def softmax(x: mx.array, axis: int = -1) -> mx.array:
+    """Softmax in the input's precision (fp32 on the CPU path) using :func:`exp`."""
+    e = exp(x - mx.stop_gradient(x.max(axis=axis, keepdims=True)))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def log_softmax(x: mx.array, axis: int = -1) -> mx.array:
+    """Log-softmax using :func:`exp` (``x - max - log(sum(exp(x - max)))``)."""
+    z = x - mx.stop_gradient(x.max(axis=axis, keepdims=True))
+    return z - mx.log(exp(z).sum(axis=axis, keepdims=True))
 
 
 def _rows(x: mx.array) -> int:

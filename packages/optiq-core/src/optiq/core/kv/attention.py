@@ -26,6 +26,7 @@ import mlx.core as mx
 from mlx import nn
 from mlx_lm.models import base as mlx_base
 
+from ..cpu import exp
 from . import cache as _cache
 from .cache import PACKED_MAX_ROWS as QMM_MAX_QUERY_ROWS
 from .cache import _MixedBase
@@ -89,10 +90,22 @@ def _plane_scores(bits: int, q_planes: list[mx.array], q_sum: mx.array, codes: m
     return raw * scales.astype(dt).swapaxes(-1, -2) + q_sum * biases.astype(dt).swapaxes(-1, -2)
 
 
+def _exp_values(bits: int, group_size: int, shifted: mx.array, w: mx.array, scales: mx.array, biases: mx.array):
+    """``(exp(shifted) @ dequantize(values), exp(shifted))``: softmax-values before normalizing.
+
+    The normalization (a reduction) stays outside: MLX 0.32's shapeless compile
+    corrupts memory on reductions whose length changes between calls.
+    """
+    e = exp(shifted)
+    return mx.quantized_matmul(e, w, scales, biases, transpose=False, group_size=group_size, bits=bits), e
+
+
 def _softmax_values(bits: int, group_size: int, scores: mx.array, w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
-    """Softmax over the scores, then the product with the packed values."""
-    probs = mx.softmax(scores, axis=-1, precise=True)
-    return mx.quantized_matmul(probs, w, scales, biases, transpose=False, group_size=group_size, bits=bits)
+    """``softmax(scores) @ dequantize(values)``, normalized after the product (R x D, not R x L)."""
+    dt = scores.dtype
+    scores = scores.astype(mx.float32)
+    out, e = _compiled_exp_values(bits, group_size)(scores - scores.max(axis=-1, keepdims=True), w, scales, biases)
+    return (out / e.sum(axis=-1, keepdims=True)).astype(dt)
 
 
 # Decode runs these per layer and token with a context length that grows every step:
@@ -104,8 +117,8 @@ def _compiled_plane_scores(bits: int):
 
 
 @lru_cache(maxsize=None)
-def _compiled_softmax_values(bits: int, group_size: int):
-    return mx.compile(lambda *a: _softmax_values(bits, group_size, *a), shapeless=True)
+def _compiled_exp_values(bits: int, group_size: int):
+    return mx.compile(lambda *a: _exp_values(bits, group_size, *a), shapeless=True)
 
 
 def _key_scores(q: mx.array, kw: mx.array, ks: mx.array, kb: mx.array, bits: int, group_size: int) -> mx.array:
@@ -151,7 +164,7 @@ def quantized_attention(
         else:
             scores = scores + mask
         scores = scores.reshape(B, n_kv_heads, rep * N, L)
-    out = _compiled_softmax_values(cache.v_bits, cache.group_size)(scores, vw, vs, vb)
+    out = _softmax_values(cache.v_bits, cache.group_size, scores, vw, vs, vb)
     return out.reshape(B, n_q_heads, N, -1)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx import nn
 
+from ..cpu import exp, log_softmax
 from ..errors import DataError
 from .layers import KVLayout, base_cache
 from .simulate import SimulatedKVCache
@@ -45,8 +46,8 @@ def _cache_for(model: nn.Module, variants: list[Variant], group_size: int) -> li
 
 def _kl_rows(ref_logp: mx.array, logits: mx.array) -> mx.array:
     """Mean over positions of KL(ref || row) for every row of ``logits`` [R, L, V]."""
-    logp = nn.log_softmax(logits.astype(mx.float32), axis=-1)
-    kl = (mx.exp(ref_logp) * (ref_logp - logp)).sum(axis=-1)
+    logp = log_softmax(logits.astype(mx.float32), axis=-1)
+    kl = (exp(ref_logp) * (ref_logp - logp)).sum(axis=-1)
     return mx.maximum(kl, 0).mean(axis=-1)
 
 
@@ -73,7 +74,7 @@ def variant_kls(
             cache = _cache_for(model, rows, group_size)
             logits = model(mx.repeat(tokens, len(rows), axis=0), cache=cache)
             if ref_logp is None:
-                ref_logp = nn.log_softmax(logits[0].astype(mx.float32), axis=-1)
+                ref_logp = log_softmax(logits[0].astype(mx.float32), axis=-1)
                 mx.eval(ref_logp)
             kls = _kl_rows(ref_logp, logits).tolist()
             for j, kl in zip(chunk, kls):
