@@ -1,6 +1,6 @@
 """Sensitivity-pass time: OptiQ vs ``mlx_lm.quant.dynamic_quant`` on the same tokens.
 
-    uv run python benchmarks/sensitivity_speed.py [--model DIR] [--n 8] [--seq-len 256]
+    uv run python benchmarks/sensitivity_speed.py [--model DIR] [--n 8] [--seq-len 256] [--repeat 3]
 
 Both get the same calibration tokens (the bundled calibration set, tokenized by the
 model's tokenizer) and the same model. ``dynamic_quant`` runs as a user would run it
@@ -14,7 +14,8 @@ every width, the second-order estimate, and measured passes for the layers whose
 estimate is large; for ``measured``, the reference pass and one forward pass per layer
 and width (GPTQ-rounded). Rows ``optiq-fisher`` (same two widths as dynamic_quant) and
 ``optiq-fisher@3/4/5/6/8`` (convert's default five widths) are both shown. Each row runs
-in a fresh process, in turn, so the machine's load hits all of them alike.
+in a fresh process, in turn, ``--repeat`` rounds (default 3; the median time is
+reported), so the machine's load hits all of them alike.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -82,6 +84,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model directory (default: bundled)")
     ap.add_argument("--n", type=int, default=8, help="calibration sequences")
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=3, help="fresh-process runs per row; the median is reported")
     ap.add_argument("--bits", default="4,8", help="low,high bit widths (dynamic_quant uses two)")
     ap.add_argument("--rows", default="dynamic_quant,dynamic_quant-fp32,optiq-fisher,optiq-fisher@3/4/5/6/8,optiq-measured",
                     help="comma-separated; KIND@B1/B2/... overrides --bits for one row")
@@ -115,21 +118,26 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one, model, args.n, args.seq_len, args.bits)))
         return
-    rows = {}
-    for row in args.rows.split(","):
-        kind, _, bits = row.partition("@")
-        bits = bits.replace("/", ",") or args.bits
-        cmd = [sys.executable, __file__, "--one", kind, "--model", model, "--n", str(args.n),
-               "--seq-len", str(args.seq_len), "--bits", bits]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr[-2000:], file=sys.stderr)
-            raise SystemExit(f"{row} failed")
-        rows[row] = {**json.loads(out.stdout.strip().splitlines()[-1]), "bits": bits}
-        print(f"  {row}: {rows[row]['seconds']:.1f}s", file=sys.stderr)
+    rows: dict[str, dict] = {}
+    times: dict[str, list[float]] = {}
+    for rnd in range(args.repeat):  # rounds interleave the rows: load hits every row alike
+        for row in args.rows.split(","):
+            kind, _, bits = row.partition("@")
+            bits = bits.replace("/", ",") or args.bits
+            cmd = [sys.executable, __file__, "--one", kind, "--model", model, "--n", str(args.n),
+                   "--seq-len", str(args.seq_len), "--bits", bits]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"{row} failed")
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            times.setdefault(row, []).append(r["seconds"])
+            rows[row] = {**r, "bits": bits, "seconds": statistics.median(times[row])}
+            print(f"  round {rnd + 1}: {row}: {r['seconds']:.1f}s", file=sys.stderr)
     base = rows.get("dynamic_quant", next(iter(rows.values())))["seconds"]
     toks = args.n * args.seq_len
-    print(f"\nSensitivity pass on {model} ({toks} calibration tokens: {args.n} x {args.seq_len})")
+    print(f"\nSensitivity pass on {model} ({toks} calibration tokens: {args.n} x {args.seq_len}; "
+          f"median of {args.repeat} fresh-process runs per row)")
     print(f"{'method':<20} {'bits':<10} {'seconds':>8} {'vs dynamic_quant':>17}  notes")
     for row, r in rows.items():
         note = f"{r['passes']} measured forward passes" if "passes" in r else ""
