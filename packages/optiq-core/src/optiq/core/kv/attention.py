@@ -102,10 +102,11 @@ def _exp_values(bits: int, group_size: int, shifted: mx.array, w: mx.array, scal
 
 def _softmax_values(bits: int, group_size: int, scores: mx.array, w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
     """``softmax(scores) @ dequantize(values)``, normalized after the product (R x D, not R x L)."""
-    dt = scores.dtype
-    scores = scores.astype(mx.float32)
-    out, e = _compiled_exp_values(bits, group_size)(scores - scores.max(axis=-1, keepdims=True), w, scales, biases)
-    return (out / e.sum(axis=-1, keepdims=True)).astype(dt)
+    # In the scores' dtype (fp32 on the CPU path; on a GPU the scales match it), sums in fp32.
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    out, e = _compiled_exp_values(bits, group_size)(shifted, w, scales, biases)
+    f32 = mx.float32
+    return (out.astype(f32) / e.astype(f32).sum(axis=-1, keepdims=True)).astype(scores.dtype)
 
 
 # Decode runs these per layer and token with a context length that grows every step:
