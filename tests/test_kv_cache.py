@@ -1,5 +1,5 @@
-"""The mixed-precision KV cache: layer detection, exactness at 8 bits, BatchGenerator
-batches (merge/extend/filter/extract), prompt-cache files."""
+"""The mixed-precision KV cache: layer detection, exactness at 8 bits, the Hadamard
+rotation, BatchGenerator batches (merge/extend/filter/extract), prompt-cache files."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.models.cache import load_prompt_cache as mlx_load_prompt_cache
+from mlx_lm.models.cache import save_prompt_cache as mlx_save_prompt_cache
 from mlx_lm.utils import _get_classes
 from optiq.core.errors import ConfigError
 from optiq.core.kv import (
@@ -111,10 +112,11 @@ def test_model_without_kv_layers_is_refused():
 # ------------------------------------------------------------------ exactness
 
 
-def test_8bit_config_matches_full_precision_kv(tiny, prompts):
+@pytest.mark.parametrize("rotation", ["hadamard", "none"])
+def test_8bit_config_matches_full_precision_kv(tiny, prompts, rotation):
     model = tiny.model
     layout = kv_layout(model)
-    cfg8 = uniform_kv_config(layout, 8)
+    cfg8 = uniform_kv_config(layout, 8, rotation=rotation)
     for p in prompts:
         ref_toks, ref_logp = greedy(model, p, None, n=20)
         toks, logp = greedy(model, p, make_kv_cache(model, cfg8), n=20)
@@ -126,15 +128,16 @@ def test_8bit_config_matches_full_precision_kv(tiny, prompts):
         assert mx.abs(logp[:n] - ref_logp[:n]).max().item() < 0.1
     # 4-bit K/V moves the distribution measurably more than 8-bit does (same token path)
     p = prompts[0]
-    exact = feed(model, make_kv_cache(model, uniform_kv_config(layout, 8)), p)
+    exact = feed(model, make_kv_cache(model, uniform_kv_config(layout, 8, rotation=rotation)), p)
     ref = feed(model, None, p)
-    four = feed(model, make_kv_cache(model, uniform_kv_config(layout, 4)), p)
+    four = feed(model, make_kv_cache(model, uniform_kv_config(layout, 4, rotation=rotation)), p)
     assert mx.abs(four - ref).max().item() > 2 * mx.abs(exact - ref).max().item()
 
 
-def test_packed_decode_attention_equals_dequantized_path(tiny, prompts):
+@pytest.mark.parametrize("rotation", ["hadamard", "none"])
+def test_packed_decode_attention_equals_dequantized_path(tiny, prompts, rotation):
     model = tiny.model
-    cfg = KVConfig(model=kv_layout(model), group_size=64, layers={3: (8, 3), 7: (4, 6)})
+    cfg = KVConfig(model=kv_layout(model), group_size=64, layers={3: (8, 3), 7: (4, 6)}, rotation=rotation)
     prompt, steps = prompts[0], prompts[1]
     try:
         uninstall_attention(model)
@@ -143,6 +146,7 @@ def test_packed_decode_attention_equals_dequantized_path(tiny, prompts):
         slow = feed(model, slow_cache, steps)
         assert install_attention(model) >= 1
         cache = make_kv_cache(model, cfg)
+        assert cache[3].rotation == rotation
         model(mx.array(prompt)[None], cache=cache)
         fast = feed(model, cache, steps[:4])
         # the patched attention has read these caches: decode steps skip the dequantization
@@ -153,6 +157,65 @@ def test_packed_decode_attention_equals_dequantized_path(tiny, prompts):
         install_attention(model)
     assert mx.allclose(slow[:4], fast, atol=1e-4).item()
     assert mx.allclose(slow[4:], rest, atol=1e-4).item()
+
+
+@pytest.mark.parametrize("rotation", ["hadamard", "none"])
+@pytest.mark.parametrize(("head_dim", "group_size"), [(128, 64), (64, 32)])
+def test_packed_attention_equals_sdpa_on_dequantized_kv(rotation, head_dim, group_size):
+    """GQA decode over a filled cache, with a head_dim holding several groups."""
+    from optiq.core.kv.attention import _STOCK_SDPA, quantized_attention
+
+    mx.random.seed(3)
+    cache = MixedKVCache(4, 8, group_size, rotation)
+    k, v = mx.random.normal((1, 2, 37, head_dim)), mx.random.normal((1, 2, 37, head_dim))
+    cache.update_and_fetch(k, v)
+    q = mx.random.normal((1, 4, 1, head_dim))
+    dk, dv = cache._dequantized(37)
+    ref = _STOCK_SDPA(q, dk, dv, cache=None, scale=head_dim**-0.5, mask=None)
+    out = quantized_attention(q, cache, head_dim**-0.5, None)
+    assert mx.allclose(out, ref, atol=1e-4).item()
+
+
+# ------------------------------------------------------------------ rotation
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("block", [32, 64])
+def test_hadamard_is_symmetric_and_orthogonal(dim, block):
+    r = quant.hadamard(dim, block)
+    assert r.shape == (dim, dim) and r.dtype == mx.float32
+    assert mx.array_equal(r, r.T).item()
+    assert mx.allclose(r @ r, mx.eye(dim), atol=1e-6).item()
+    # block-diagonal: nothing mixes channels of different quantization groups
+    assert mx.all(r[:block, block:] == 0).item()
+    assert mx.allclose(mx.abs(r[:block, :block]), mx.array(block**-0.5)).item()
+    x = mx.random.normal((3, dim))
+    assert mx.allclose(quant.rotate(quant.rotate(x, "hadamard", block), "hadamard", block), x, atol=1e-5).item()
+    assert quant.rotate(x, "none", block) is x
+
+
+def test_check_rotation():
+    assert quant.check_rotation("hadamard") == "hadamard"
+    with pytest.raises(ConfigError, match="KV rotation 'rot' is not supported: use one of none, hadamard"):
+        quant.check_rotation("rot")
+    with pytest.raises(ConfigError, match="rotation"):
+        MixedKVCache(4, 4, 64, "rot")
+
+
+def test_rotation_shrinks_4bit_error_of_outlier_channels():
+    """One channel 20x larger stretches its whole group's scale; rotated, it is spread out."""
+    mx.random.seed(0)
+    k = mx.random.normal((1, 2, 64, 64)) * mx.where(mx.arange(64) == 5, 20.0, 1.0)
+    err, nbytes = {}, {}
+    for rotation in ("none", "hadamard"):
+        c = MixedKVCache(4, 4, 32, rotation)
+        c.update_and_fetch(k, k)
+        err[rotation] = mx.square(c._dequantized(64)[0] - k).mean().item()
+        nbytes[rotation] = c.stored_nbytes()
+        # the simulator (sensitivity pass, eval) stores exactly like the cache
+        assert err[rotation] == pytest.approx(mx.square(quant.fake_quantize(k, 4, 32, rotation) - k).mean().item())
+    assert err["hadamard"] < 0.5 * err["none"]
+    assert nbytes["hadamard"] == nbytes["none"]  # the rotation stores nothing
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -238,8 +301,8 @@ def test_wrong_config_for_model(tiny):
 # ------------------------------------------------------------------ batching
 
 
-def _filled(k_bits, v_bits, length, seed):
-    c = MixedKVCache(k_bits, v_bits, 64)
+def _filled(k_bits, v_bits, length, seed, rotation="hadamard"):
+    c = MixedKVCache(k_bits, v_bits, 64, rotation)
     if length:
         mx.random.seed(seed)
         c.update_and_fetch(mx.random.normal((1, 2, length, 64)), mx.random.normal((1, 2, length, 64)))
@@ -253,10 +316,12 @@ def _same(a: MixedKVCache, b: MixedKVCache) -> bool:
     return a.offset == b.offset and all(mx.array_equal(x, y).item() for x, y in zip((*ak, *av), (*bk, *bv)))
 
 
-def test_merge_extend_filter_extract_round_trip():
-    singles = [_filled(8, 4, n, i) for i, n in enumerate((5, 0, 300, 17))]
+@pytest.mark.parametrize("rotation", ["hadamard", "none"])
+def test_merge_extend_filter_extract_round_trip(rotation):
+    singles = [_filled(8, 4, n, i, rotation) for i, n in enumerate((5, 0, 300, 17))]
     batch = MixedKVCache.merge(singles[:2])
     assert isinstance(batch, BatchMixedKVCache) and batch.left_padding.tolist() == [0, 5]
+    assert batch.rotation == rotation and batch.extract(0).rotation == rotation
     other = MixedKVCache.merge(singles[2:])
     batch.extend(other)
     assert batch.left_padding.tolist() == [295, 300, 0, 283] and batch.size() == 300
@@ -275,6 +340,11 @@ def test_merge_extend_filter_extract_round_trip():
 def test_merge_refuses_mixed_formats_and_converts_fp_caches():
     with pytest.raises(ConfigError, match="different formats"):
         MixedKVCache.merge([_filled(8, 4, 3, 0), _filled(4, 4, 3, 1)])
+    with pytest.raises(ConfigError, match=r"different formats \(k_bits, v_bits, group_size, rotation\)"):
+        MixedKVCache.merge([_filled(8, 4, 3, 0, "hadamard"), _filled(8, 4, 3, 1, "none")])
+    batch = MixedKVCache.merge([_filled(8, 4, 3, 0, "none")])
+    with pytest.raises(ConfigError, match="different formats"):
+        batch.extend(MixedKVCache.merge([_filled(8, 4, 3, 1, "hadamard")]))
     fp = KVCache()
     mx.random.seed(1)
     k, v = mx.random.normal((1, 2, 6, 64)), mx.random.normal((1, 2, 6, 64))
@@ -347,9 +417,10 @@ def test_apply_kv_config_makes_every_cache_mixed(tiny):
 # ------------------------------------------------------------------ prompt-cache files
 
 
-def test_prompt_cache_save_load_round_trip(tiny, prompts, tmp_path):
+@pytest.mark.parametrize("rotation", ["hadamard", "none"])
+def test_prompt_cache_save_load_round_trip(tiny, prompts, tmp_path, rotation):
     model = tiny.model
-    cfg = KVConfig(model=kv_layout(model), group_size=64, layers={3: (8, 4), 7: (5, 3)})
+    cfg = KVConfig(model=kv_layout(model), group_size=64, layers={3: (8, 4), 7: (5, 3)}, rotation=rotation)
     cache = make_kv_cache(model, cfg)
     model(mx.array(prompts[2])[None], cache=cache)
     mx.eval([c.state for c in cache])
@@ -359,6 +430,7 @@ def test_prompt_cache_save_load_round_trip(tiny, prompts, tmp_path):
     assert meta == {"note": "kv"}
     assert [type(c) for c in loaded] == [type(c) for c in cache]
     assert (loaded[7].k_bits, loaded[7].v_bits, loaded[7].offset) == (5, 3, len(prompts[2]))
+    assert loaded[7].rotation == rotation
     assert _same(loaded[3], cache[3])
     stock = mlx_load_prompt_cache(path)  # stock mlx-lm resolves our class names too
     nxt = mx.array([[prompts[2][-1]]])
@@ -367,3 +439,25 @@ def test_prompt_cache_save_load_round_trip(tiny, prompts, tmp_path):
     empty = make_kv_cache(model, cfg)
     save_prompt_cache(path, empty)
     assert load_prompt_cache(path)[3].empty()
+
+
+def _without_rotation(cls):
+    """A class saving ``cls``'s state as before rotations existed (same name, so it loads as ``cls``)."""
+    return type(cls.__name__, (cls,), {"state": property(lambda self: cls.state.fget(self)[:-1])})
+
+
+def test_prompt_cache_saved_before_rotations_loads_unrotated(tmp_path):
+    """Old files carry no rotation: their K/V were stored as is."""
+    mx.random.seed(4)
+    k, v = mx.random.normal((1, 2, 9, 64)), mx.random.normal((1, 2, 9, 64))
+    single = _without_rotation(MixedKVCache)(8, 4, 64, "none")
+    batch = _without_rotation(BatchMixedKVCache)([0], 8, 4, 64, "none")
+    for c in (single, batch):
+        c.update_and_fetch(k, v)
+    path = str(tmp_path / "old.safetensors")
+    mlx_save_prompt_cache(path, [single, batch])
+    loaded = load_prompt_cache(path)
+    assert [type(c) for c in loaded] == [MixedKVCache, BatchMixedKVCache]
+    assert all(c.rotation == "none" for c in loaded)
+    assert mx.array_equal(loaded[0]._dequantized(9)[0], single._dequantized(9)[0]).item()
+    assert mx.array_equal(loaded[1]._dequantized(9)[1], batch._dequantized(9)[1]).item()

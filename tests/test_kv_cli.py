@@ -50,14 +50,33 @@ def test_kv_cache_end_to_end(model_dir, tmp_path, capsys):
     assert sum(b == 8 for kv in cfg.layers.values() for b in kv) == 2
     data = json.loads((out_dir / "kv_config.json").read_text())
     assert data["measured_kl"] > 0 and data["predicted_kl"] > 0
+    assert data["rotation"] == "hadamard" and cfg.rotation == "hadamard"  # the default
+    assert "K/V rotation: hadamard" in out
     assert {s["layer"] for s in data["skipped_layers"]} == {0, 1, 2, 4, 5, 6}
     sens = json.loads((out_dir / "kv_sensitivity.json").read_text())
     layer3 = next(layer for layer in sens["layers"] if layer["layer"] == 3)
     assert set(layer3["k"]) == set(layer3["v"]) == {"4", "8"}
     # quantizing harder hurts more, for keys and values alike
     assert layer3["k"]["4"] > layer3["k"]["8"] and layer3["v"]["4"] > layer3["v"]["8"]
+    assert sens["rotation"] == "hadamard"
     m = sens["measured_kl_of_whole_configs"]
     assert m["uniform_4bit"] >= m["chosen"] >= m["uniform_8bit"]
+
+
+def test_kv_cache_without_rotation(model_dir, tmp_path, capsys):
+    code, out, err = run_cli(
+        ["kv-cache", str(model_dir), "--rotation", "none", "--seq-len", "16", "--n-samples", "1",
+         "-o", str(tmp_path), "--quiet"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "kv_config.json").read_text())["rotation"] == "none"
+    assert load_kv_config(tmp_path).rotation == "none"
+    assert json.loads((tmp_path / "kv_sensitivity.json").read_text())["rotation"] == "none"
+
+
+def test_unknown_rotation_is_refused(model_dir, tmp_path, capsys):
+    code, _, err = run_cli(["kv-cache", str(model_dir), "--rotation", "givens", "-o", str(tmp_path)], capsys)
+    assert code == 2 and "'givens' is not one of 'hadamard', 'none'" in err
+    assert not (tmp_path / "kv_config.json").exists()
 
 
 def test_unstorable_candidate_bits(model_dir, tmp_path, capsys):

@@ -45,7 +45,8 @@ def test_round_trip(tmp_path):
     cfg = sample_config()
     path = save_kv_config(cfg, tmp_path / "kv_config.json")
     data = json.loads(path.read_text())
-    assert data["format"] == "optiq-kv-config" and data["version"] == 1
+    assert data["format"] == "optiq-kv-config" and data["version"] == 2
+    assert data["rotation"] == "hadamard"
     assert data["layers"] == [{"layer": 3, "k_bits": 8, "v_bits": 4}, {"layer": 7, "k_bits": 4, "v_bits": 4}]
     assert [s["layer"] for s in data["skipped_layers"]] == [0, 1, 2, 4, 5, 6]
     # (8.5 + 4.5 + 4.5 + 4.5) / 4 stored bits per element, 64 elements each per token
@@ -54,6 +55,7 @@ def test_round_trip(tmp_path):
     assert data["fp16_kv_bytes_per_token"] == 4 * 64 * 2
     back = load_kv_config(path)
     assert back.layers == cfg.layers and back.model == cfg.model and back.group_size == 64
+    assert back.rotation == "hadamard" and "rotation" not in back.extra
     assert back.extra["measured_kl"] == 0.01
     assert load_kv_config(tmp_path).layers == cfg.layers  # a directory means DIR/kv_config.json
 
@@ -74,11 +76,38 @@ def test_validation_errors():
     assert "no bits given for KV layer(s) [7]" in _errors(lambda d: d["layers"].pop())
     assert "listed twice" in _errors(lambda d: d["layers"].append(dict(d["layers"][0])))
     assert "not one of the model's KV layers" in _errors(lambda d: d["layers"].append({"layer": 12, "k_bits": 4, "v_bits": 4}))
-    assert "unsupported kv_config version 2" in _errors(lambda d: d.update(version=2))
+    assert "unsupported kv_config version 3" in _errors(lambda d: d.update(version=3))
+    assert "unknown rotation 'givens' (supported: none, hadamard)" in _errors(lambda d: d.update(rotation="givens"))
+    assert "missing 'rotation'" in _errors(lambda d: d.pop("rotation"))
+    assert "'rotation' has the wrong type" in _errors(lambda d: d.update(rotation=1))
     assert "not an OptiQ KV config" in _errors(lambda d: d.pop("format"))
     assert "group size 48 is not supported" in _errors(lambda d: d.update(group_size=48))
     assert "missing 'k_bits'" in _errors(lambda d: d["layers"][0].pop("k_bits"))
     assert "wrong type" in _errors(lambda d: d["layers"][0].update(k_bits="8"))
+
+
+def test_version_1_file_means_no_rotation(tmp_path):
+    """Version-1 configs predate the rotation: they were measured on unrotated K/V."""
+    data = sample_config().to_dict()
+    data["version"] = 1
+    del data["rotation"]
+    path = tmp_path / "kv_config.json"
+    path.write_text(json.dumps(data))
+    cfg = load_kv_config(path)
+    assert cfg.rotation == "none" and cfg.layers == {3: (8, 4), 7: (4, 4)}
+    assert save_kv_config(cfg, path) and json.loads(path.read_text())["rotation"] == "none"  # re-saved as v2
+    assert load_kv_config(path).rotation == "none"
+
+
+def test_rotation_none_round_trips_and_bytes_do_not_depend_on_it(tmp_path):
+    rotated = sample_config()
+    plain = sample_config()
+    plain.rotation = "none"
+    assert load_kv_config(save_kv_config(plain, tmp_path / "kv_config.json")).rotation == "none"
+    assert plain.bytes_per_token == rotated.bytes_per_token  # the rotation stores nothing
+    assert uniform_kv_config(hybrid_layout(), 4, rotation="none").rotation == "none"
+    with pytest.raises(ConfigError, match="KV rotation 'rot' is not supported: use one of none, hadamard"):
+        uniform_kv_config(hybrid_layout(), 4, rotation="rot")
 
 
 def test_group_size_must_divide_head_dim():

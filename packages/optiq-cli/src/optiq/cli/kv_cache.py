@@ -17,6 +17,9 @@ from .options import model_argument
               help="Comma-separated widths to choose from (2,3,4,5,6,8).")
 @click.option("--group-size", type=int, default=64, show_default=True,
               help="Quantization group size along head_dim (32, 64 or 128; must divide head_dim).")
+@click.option("--rotation", type=click.Choice(["hadamard", "none"]), default="hadamard", show_default=True,
+              help="Rotate K/V by a Hadamard block per group before quantizing (spreads outlier "
+                   "channels; same bytes), or store them as they are.")
 @click.option("--seq-len", type=int, default=None, help="Tokens per calibration sequence [default: 512].")
 @click.option("--n-samples", type=int, default=None, help="Number of calibration sequences [default: 4].")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
@@ -29,6 +32,7 @@ def kv_cache(
     target_bits: float,
     candidate_bits: str,
     group_size: int,
+    rotation: str,
     seq_len: int | None,
     n_samples: int | None,
     data: str | None,
@@ -67,6 +71,7 @@ def kv_cache(
         data=data,
         log=echo,
         progress=progress,
+        rotation=rotation,
     )
     cfg, sens = run.config, run.sensitivity
     bits = sorted(sens.candidate_bits)

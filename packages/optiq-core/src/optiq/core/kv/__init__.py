@@ -58,7 +58,7 @@ __all__ = [
 
 def make_kv_cache(model: nn.Module, config: KVConfig, fast_attention: bool = True) -> list[Any]:
     """The model's cache list with every configured layer's ``KVCache`` replaced by a
-    :class:`MixedKVCache` at that layer's (k_bits, v_bits). Other layers (e.g. Gated
+    :class:`MixedKVCache` at that layer's (k_bits, v_bits) and the config's rotation. Other layers (e.g. Gated
     DeltaNet ``ArraysCache``) are left as mlx-lm builds them.
 
     ``fast_attention`` routes decode-step attention over the packed codes (see

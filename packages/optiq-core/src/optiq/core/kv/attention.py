@@ -28,6 +28,7 @@ from mlx_lm.models import base as mlx_base
 
 from ..cpu import exp
 from . import cache as _cache
+from . import quant
 from .cache import PACKED_MAX_ROWS as QMM_MAX_QUERY_ROWS
 from .cache import _MixedBase
 
@@ -150,6 +151,7 @@ def quantized_attention(
         ks, kb, vs, vb = (x.astype(dt) for x in (ks, kb, vs, vb))
     # Fold the query heads sharing one KV head into the row dimension: one matmul per KV head.
     q = (queries * scale).reshape(B, n_kv_heads, rep * N, D)
+    q = quant.rotate(q, cache.rotation, cache.group_size)  # stored keys are rotated: q.k = qR.kR
     scores = _key_scores(q, kw, ks, kb, cache.k_bits, cache.group_size)
     if mask is not None:
         L = scores.shape[-1]
@@ -166,6 +168,7 @@ def quantized_attention(
             scores = scores + mask
         scores = scores.reshape(B, n_kv_heads, rep * N, L)
     out = _softmax_values(cache.v_bits, cache.group_size, scores, vw, vs, vb)
+    out = quant.rotate(out, cache.rotation, cache.group_size)  # p.(VR) = (p.V)R: R undoes itself
     return out.reshape(B, n_q_heads, N, -1)
 
 

@@ -13,6 +13,10 @@ the model's attention, decode steps instead read the packed codes directly with
 layer's attention goes through it), the cache stops building the unused dequantization
 graph for decode steps: it hands out placeholders, saving ~0.1 ms of Python per layer
 and step.
+
+With ``rotation="hadamard"`` (the default) keys and values are stored rotated
+(:func:`optiq.core.kv.quant.rotate`); everything the cache hands out is un-rotated, and
+the patched attention works in the rotated space (see ``cache.rotation``).
 """
 
 from __future__ import annotations
@@ -50,10 +54,11 @@ class _MixedBase(_BaseCache):
 
     step = 256
 
-    def _init_format(self, k_bits: int, v_bits: int, group_size: int) -> None:
+    def _init_format(self, k_bits: int, v_bits: int, group_size: int, rotation: str = "hadamard") -> None:
         self.k_bits = quant.check_bits(k_bits, "k_bits")
         self.v_bits = quant.check_bits(v_bits, "v_bits")
         self.group_size = quant.check_group_size(group_size)
+        self.rotation = quant.check_rotation(rotation)  # how the stored K/V are rotated
         self.keys: QTensor | None = None
         self.values: QTensor | None = None
         self.dtype_name = "float32"  # compute dtype of the keys/values handed in
@@ -73,15 +78,16 @@ class _MixedBase(_BaseCache):
         self.dtype_name = str(value).split(".")[-1]
 
     @property
-    def format(self) -> tuple[int, int, int]:
-        return (self.k_bits, self.v_bits, self.group_size)
+    def format(self) -> tuple[int, int, int, str]:
+        """(k_bits, v_bits, group_size, rotation): caches batch together only if equal."""
+        return (self.k_bits, self.v_bits, self.group_size, self.rotation)
 
     def _store(self, start: int, keys: mx.array, values: mx.array) -> None:
         """Quantize and write ``keys``/``values`` at positions ``start:start+N``."""
         n = keys.shape[2]
         self.dtype = keys.dtype
-        qk = quant.quantize(keys, self.k_bits, self.group_size)
-        qv = quant.quantize(values, self.v_bits, self.group_size)
+        qk = quant.quantize(keys, self.k_bits, self.group_size, self.rotation)
+        qv = quant.quantize(values, self.v_bits, self.group_size, self.rotation)
         if self.keys is None or start + n > self.keys[0].shape[2]:
             self.keys = self._grown(self.keys, start, n, qk)
             self.values = self._grown(self.values, start, n, qv)
@@ -124,17 +130,19 @@ class _MixedBase(_BaseCache):
         k = _tmap(lambda x: x[..., :end, :], self.keys)
         v = _tmap(lambda x: x[..., :end, :], self.values)
         return (
-            quant.dequantize(k, self.k_bits, self.group_size, self.dtype),
-            quant.dequantize(v, self.v_bits, self.group_size, self.dtype),
+            quant.dequantize(k, self.k_bits, self.group_size, self.dtype, self.rotation),
+            quant.dequantize(v, self.v_bits, self.group_size, self.dtype, self.rotation),
         )
 
-    def _format_state(self) -> tuple[int, int, int, str]:
+    def _format_state(self) -> tuple[int, int, int, str, str]:
         # Plain scalars/strings so mlx-lm's save_prompt_cache can serialize them.
-        return (self.k_bits, self.v_bits, self.group_size, self.dtype_name)
+        return (self.k_bits, self.v_bits, self.group_size, self.dtype_name, self.rotation)
 
     def _set_format_state(self, v, i: int) -> None:
         self.k_bits, self.v_bits, self.group_size = (int(x) for x in v[i : i + 3])
         self.dtype_name = str(v[i + 3])
+        # Files saved before rotations existed carry no rotation: they stored K/V as is.
+        self.rotation = quant.check_rotation(str(v[i + 4]) if len(v) > i + 4 else "none")
         if self.keys is not None:
             self.keys, self.values = tuple(self.keys), tuple(self.values)
 
@@ -173,8 +181,8 @@ class _MixedBase(_BaseCache):
 class MixedKVCache(_MixedBase):
     """Single-stream KV cache with keys at ``k_bits`` and values at ``v_bits``."""
 
-    def __init__(self, k_bits: int = 8, v_bits: int = 8, group_size: int = 64):
-        self._init_format(k_bits, v_bits, group_size)
+    def __init__(self, k_bits: int = 8, v_bits: int = 8, group_size: int = 64, rotation: str = "hadamard"):
+        self._init_format(k_bits, v_bits, group_size, rotation)
         self.offset = 0
 
     def _end(self) -> int:
@@ -207,9 +215,11 @@ class MixedKVCache(_MixedBase):
         return create_attention_mask(*args, offset=self.offset, **kwargs)
 
     @classmethod
-    def from_kv_cache(cls, cache: KVCache, k_bits: int, v_bits: int, group_size: int) -> MixedKVCache:
+    def from_kv_cache(
+        cls, cache: KVCache, k_bits: int, v_bits: int, group_size: int, rotation: str = "hadamard"
+    ) -> MixedKVCache:
         """Quantize the contents of a full-precision ``KVCache``."""
-        out = cls(k_bits, v_bits, group_size)
+        out = cls(k_bits, v_bits, group_size, rotation)
         if cache.keys is not None and cache.offset > 0:
             k, v = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
             out.update_and_fetch(k, v)
@@ -223,8 +233,15 @@ class MixedKVCache(_MixedBase):
 class BatchMixedKVCache(_MixedBase):
     """Batched, left-padded version of :class:`MixedKVCache` (mirrors ``BatchKVCache``)."""
 
-    def __init__(self, left_padding: list[int], k_bits: int = 8, v_bits: int = 8, group_size: int = 64):
-        self._init_format(k_bits, v_bits, group_size)
+    def __init__(
+        self,
+        left_padding: list[int],
+        k_bits: int = 8,
+        v_bits: int = 8,
+        group_size: int = 64,
+        rotation: str = "hadamard",
+    ):
+        self._init_format(k_bits, v_bits, group_size, rotation)
         self.left_padding = mx.array(left_padding)
         self.offset = mx.array([-p for p in left_padding])
         self._idx = 0
@@ -335,7 +352,7 @@ class BatchMixedKVCache(_MixedBase):
 
     def extract(self, idx: int) -> MixedKVCache:
         """Row ``idx`` as a single-stream cache (padding removed)."""
-        cache = MixedKVCache(self.k_bits, self.v_bits, self.group_size)
+        cache = MixedKVCache(*self.format)
         cache.dtype = self.dtype
         padding = self.left_padding.tolist()[idx] if self.keys is not None else 0
         if self.keys is None or padding >= self._idx:
@@ -393,7 +410,8 @@ def _check_same_format(caches: list[_MixedBase]) -> None:
     formats = {c.format for c in caches}
     if len(formats) > 1:
         raise ConfigError(
-            f"cannot batch KV caches of different formats (k_bits, v_bits, group_size): {sorted(formats)}"
+            "cannot batch KV caches of different formats (k_bits, v_bits, group_size, rotation): "
+            f"{sorted(formats)}"
         )
 
 

@@ -19,7 +19,8 @@ from . import quant
 from .layers import KVLayer, KVLayout, SkippedLayer
 
 FORMAT = "optiq-kv-config"
-VERSION = 1
+VERSION = 2  # 2 added "rotation"; version-1 files (no rotation) are still read
+READ_VERSIONS = (1, 2)
 BITS_DEFINITION = (
     "mean stored bits per K/V element over all KV layers, weighted by element count: "
     "the code bits plus each group's fp16 scale and bias (2*16/group_size)"
@@ -37,6 +38,7 @@ class KVConfig:
     candidate_bits: tuple[int, ...] = ()
     model_name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # calibration, predicted/measured KL
+    rotation: str = "hadamard"  # how K/V are rotated before quantizing (see quant.ROTATIONS)
 
     def bits(self, layer: int) -> tuple[int, int]:
         return self.layers[layer]
@@ -78,6 +80,7 @@ class KVConfig:
                 ],
             },
             "group_size": self.group_size,
+            "rotation": self.rotation,
             "scale_dtype": "float16",
             "bits_definition": BITS_DEFINITION,
             "target_bits": self.target_bits,
@@ -94,7 +97,12 @@ class KVConfig:
 
 
 def uniform_kv_config(
-    layout: KVLayout, k_bits: int, v_bits: int | None = None, group_size: int = 64, model_name: str | None = None
+    layout: KVLayout,
+    k_bits: int,
+    v_bits: int | None = None,
+    group_size: int = 64,
+    model_name: str | None = None,
+    rotation: str = "hadamard",
 ) -> KVConfig:
     """Every KV layer at the same widths (handy for baselines and tests)."""
     v_bits = k_bits if v_bits is None else v_bits
@@ -106,6 +114,7 @@ def uniform_kv_config(
         group_size=group_size,
         layers={k.index: (k_bits, v_bits) for k in layout.kv_layers},
         model_name=model_name,
+        rotation=quant.check_rotation(rotation),
     )
 
 
@@ -139,10 +148,10 @@ def kv_config_from_dict(d: Any, source: str = "kv_config") -> KVConfig:
     if d.get("format") != FORMAT:
         raise ConfigError(f"{source}: not an OptiQ KV config (expected format '{FORMAT}', got {d.get('format')!r})")
     version = d.get("version")
-    if version != VERSION:
+    if isinstance(version, bool) or version not in READ_VERSIONS:
         raise ConfigError(
-            f"{source}: unsupported kv_config version {version!r} (this OptiQ reads version {VERSION}); "
-            "re-run `optiq kv-cache` to regenerate it"
+            f"{source}: unsupported kv_config version {version!r} (this OptiQ reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}); re-run `optiq kv-cache` to regenerate it"
         )
     m = _need(d, "model", dict, source)
     where = f"{source}: model"
@@ -174,6 +183,7 @@ def kv_config_from_dict(d: Any, source: str = "kv_config") -> KVConfig:
     )
     group_size = _need(d, "group_size", int, source)
     quant.check_group_size(group_size, head_dims(layout))
+    rotation = _rotation(d, version, source)
     layers: dict[int, tuple[int, int]] = {}
     known = {k.index: k for k in layout.kv_layers}
     skipped_idx = {s.index: s for s in layout.skipped}
@@ -199,7 +209,7 @@ def kv_config_from_dict(d: Any, source: str = "kv_config") -> KVConfig:
     if target is not None and (not isinstance(target, (int, float)) or isinstance(target, bool) or not math.isfinite(target)):
         raise ConfigError(f"{source}: 'target_bits' must be a number or null")
     reserved = {
-        "format", "version", "model", "group_size", "scale_dtype", "bits_definition", "target_bits",
+        "format", "version", "model", "group_size", "rotation", "scale_dtype", "bits_definition", "target_bits",
         "achieved_bits", "candidate_bits", "kv_bytes_per_token", "fp16_kv_bytes_per_token", "layers",
         "skipped_layers",
     }
@@ -211,7 +221,20 @@ def kv_config_from_dict(d: Any, source: str = "kv_config") -> KVConfig:
         candidate_bits=tuple(d.get("candidate_bits") or ()),
         model_name=m.get("name"),
         extra={k: v for k, v in d.items() if k not in reserved},
+        rotation=rotation,
     )
+
+
+def _rotation(d: dict, version: int, source: str) -> str:
+    """The config's rotation; version-1 files predate it and were measured without one."""
+    if version == 1:
+        return "none"
+    rotation = _need(d, "rotation", str, source)
+    if rotation not in quant.ROTATIONS:
+        raise ConfigError(
+            f"{source}: unknown rotation {rotation!r} (supported: {', '.join(quant.ROTATIONS)})"
+        )
+    return rotation
 
 
 def check_matches_model(config: KVConfig, layout: KVLayout, source: str = "kv_config") -> None:

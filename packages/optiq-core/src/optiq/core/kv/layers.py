@@ -87,9 +87,9 @@ def base_cache(model: nn.Module) -> list[Any]:
     return make_prompt_cache(model)
 
 
-def configured_cache(model: nn.Module, config: "KVConfig", make: Callable[[int, int, int], Any]) -> list[Any]:
+def configured_cache(model: nn.Module, config: "KVConfig", make: Callable[..., Any]) -> list[Any]:
     """:func:`base_cache` with every configured layer's ``KVCache`` replaced by
-    ``make(k_bits, v_bits, group_size)``; other layers stay as mlx-lm builds them."""
+    ``make(k_bits, v_bits, group_size, rotation=...)``; other layers stay as mlx-lm builds them."""
     cache = base_cache(model)
     if len(cache) != config.model.num_layers:
         raise ConfigError(
@@ -98,7 +98,7 @@ def configured_cache(model: nn.Module, config: "KVConfig", make: Callable[[int, 
     for idx, (kb, vb) in config.layers.items():
         if not isinstance(cache[idx], KVCache):
             raise ConfigError(f"kv config sets bits for layer {idx}, which has no KV cache ({type(cache[idx]).__name__})")
-        cache[idx] = make(kb, vb, config.group_size)
+        cache[idx] = make(kb, vb, config.group_size, rotation=config.rotation)
     return cache
 
 

@@ -1,7 +1,7 @@
 """``optiq kv-cache`` as a library call: check, measure, allocate, verify, write.
 
 Every argument is checked before the model is run, so bad input fails in seconds:
-unsupported candidate widths, a group size that does not divide head_dim, a model with
+unsupported candidate widths or rotation, a group size that does not divide head_dim, a model with
 no KV-carrying layer, a target below what the candidates can store, or calibration
 text shorter than one sequence.
 """
@@ -114,8 +114,13 @@ def run_kv_cache(
     data: str | Path | None = None,
     log: Callable[[str], None] = lambda s: None,
     progress: Callable[[int, int], None] | None = None,
+    rotation: str = "hadamard",
 ) -> KVCacheRun:
-    """Measure KV sensitivity of ``model``, allocate bits, write config, data and plot."""
+    """Measure KV sensitivity of ``model``, allocate bits, write config, data and plot.
+
+    ``rotation`` is how the cache will store K/V (see :mod:`.quant`); it is measured with
+    and recorded in the config, so the sensitivities match what the cache does.
+    """
     from ..model_io import load_model, validate_model_dir
     from .allocate import allocate_kv_bits, min_achievable_bits
     from .config import KVConfig, head_dims, save_kv_config
@@ -126,6 +131,7 @@ def run_kv_cache(
     tic = time.perf_counter()
     # --- argument checks that need nothing loaded
     cands = parse_candidate_bits(candidate_bits)
+    quant.check_rotation(rotation)
     if group_size not in quant.SUPPORTED_GROUP_SIZES:
         quant.check_group_size(group_size)
     if not isinstance(target_bits, (int, float)) or not math.isfinite(target_bits) or target_bits <= 0:
@@ -155,6 +161,7 @@ def run_kv_cache(
     for s in layout.skipped:
         log(f"  skipped layer {s.index}: {s.cache}, {s.reason}")
     log(f"calibration: {n_samples} x {seq_len} tokens from {source}")
+    log(f"K/V rotation: {rotation}")
 
     # --- sensitivity
     n_variants = len(layout.kv_layers) * 2 * len(cands)
@@ -166,7 +173,9 @@ def run_kv_cache(
             progress(done[0], n_variants * n_samples)
 
     with _fast_prefill():
-        sens = measure_kv_sensitivity(lm.model, sequences, layout, cands, group_size, progress=step)
+        sens = measure_kv_sensitivity(
+            lm.model, sequences, layout, cands, group_size, progress=step, rotation=rotation
+        )
         alloc = allocate_kv_bits(sens, layout, target_bits, cands, group_size)
         # Measure the chosen config as a whole (no additivity assumption), next to the
         # uniform configs at the lowest and highest candidate widths.
@@ -175,7 +184,9 @@ def run_kv_cache(
             f"uniform_{min(cands)}bit": {kv.index: (min(cands), min(cands)) for kv in layout.kv_layers},
             f"uniform_{max(cands)}bit": {kv.index: (max(cands), max(cands)) for kv in layout.kv_layers},
         }
-        kls = variant_kls(lm.model, sequences, list(checks.values()), group_size, layout.vocab_size)
+        kls = variant_kls(
+            lm.model, sequences, list(checks.values()), group_size, layout.vocab_size, rotation=rotation
+        )
     measured = dict(zip(checks, kls))
 
     config = KVConfig(
@@ -185,6 +196,7 @@ def run_kv_cache(
         target_bits=float(target_bits),
         candidate_bits=cands,
         model_name=Path(path).name,
+        rotation=rotation,
         extra={
             "predicted_kl": alloc.predicted_kl,
             "measured_kl": measured["chosen"],

@@ -35,12 +35,12 @@ Variant = dict[int, tuple[int | None, int | None]]
 LOGITS_BUDGET_BYTES = 1 << 30
 
 
-def _cache_for(model: nn.Module, variants: list[Variant], group_size: int) -> list:
+def _cache_for(model: nn.Module, variants: list[Variant], group_size: int, rotation: str) -> list:
     cache = base_cache(model)
     layers = {i for v in variants for i in v}
     for i in layers:
         rules = [v.get(i, (None, None)) for v in variants]
-        cache[i] = SimulatedKVCache(group_size=group_size, rows=rules)
+        cache[i] = SimulatedKVCache(group_size=group_size, rows=rules, rotation=rotation)
     return cache
 
 
@@ -58,8 +58,10 @@ def variant_kls(
     group_size: int,
     vocab_size: int,
     progress: Callable[[int], None] | None = None,
+    rotation: str = "hadamard",
 ) -> list[float]:
-    """Mean KL (nats per token) vs a full-precision cache for each variant, over all sequences."""
+    """Mean KL (nats per token) vs a full-precision cache for each variant, over all sequences
+    (quantized tensors stored with ``rotation``, as the mixed cache would store them)."""
     n, seq_len = sequences.shape
     max_rows = max(1, LOGITS_BUDGET_BYTES // (seq_len * vocab_size * 4 * 3))
     totals = [0.0] * len(variants)
@@ -71,7 +73,7 @@ def variant_kls(
         chunks = [todo[i : i + max_rows] for i in range(0, len(todo), max_rows)]
         for chunk in chunks:
             rows = [variants[j] if isinstance(j, int) else j for j in chunk]
-            cache = _cache_for(model, rows, group_size)
+            cache = _cache_for(model, rows, group_size, rotation)
             logits = model(mx.repeat(tokens, len(rows), axis=0), cache=cache)
             if ref_logp is None:
                 ref_logp = log_softmax(logits[0].astype(mx.float32), axis=-1)
@@ -97,11 +99,13 @@ class KVSensitivity:
     seconds: float
     cpu_seconds: float = 0.0  # CPU time of this process (all threads): robust to other load
     extra: dict = field(default_factory=dict)
+    rotation: str = "hadamard"  # how the quantized tensors were stored while measuring
 
     def to_dict(self) -> dict:
         return {
             "metric": "mean KL(full-precision cache || one tensor quantized), nats per token, over all positions",
             "group_size": self.group_size,
+            "rotation": self.rotation,
             "candidate_bits": list(self.candidate_bits),
             "seq_len": self.seq_len,
             "n_samples": self.n_samples,
@@ -126,12 +130,13 @@ def measure_kv_sensitivity(
     candidate_bits: tuple[int, ...],
     group_size: int,
     progress: Callable[[int], None] | None = None,
+    rotation: str = "hadamard",
 ) -> KVSensitivity:
     """Measure K and V sensitivity of every KV layer at every candidate width."""
     tic, cpu = time.perf_counter(), time.process_time()
     keys = [(kv.index, t, b) for kv in layout.kv_layers for t in ("k", "v") for b in candidate_bits]
     variants: list[Variant] = [{i: ((b, None) if t == "k" else (None, b))} for i, t, b in keys]
-    kls = variant_kls(model, sequences, variants, group_size, layout.vocab_size, progress)
+    kls = variant_kls(model, sequences, variants, group_size, layout.vocab_size, progress, rotation)
     kl: dict[int, dict[str, dict[int, float]]] = {kv.index: {"k": {}, "v": {}} for kv in layout.kv_layers}
     for (i, t, b), v in zip(keys, kls):
         kl[i][t][b] = v
@@ -143,6 +148,7 @@ def measure_kv_sensitivity(
         n_samples=int(sequences.shape[0]),
         seconds=time.perf_counter() - tic,
         cpu_seconds=time.process_time() - cpu,
+        rotation=rotation,
     )
 
 
