@@ -15,7 +15,10 @@ Rows:
                after the first prefill chunk). Its scales are stored in the compute
                dtype (fp32 here).
   optiq <cfg>  ``MixedKVCache`` from a kv_config.json (quantized from the first token,
-               fp16 scales), with OptiQ's packed-code decode attention.
+               fp16 scales, Hadamard-rotated K/V), with OptiQ's packed-code decode
+               attention: the ``optiq-kernels`` CPU kernel when it is installed.
+  ... no-rot   the first config without the rotation (same bits and bytes).
+  ... MLX      the first config decoded without ``optiq.kernels`` (pure-MLX attention).
 
 Columns: KV bytes/token and total at N (measured from the cache arrays, allocation
 slack excluded), ratio to fp16 KV, mean KL(fp32 KV || row) over the T decoded
@@ -30,7 +33,9 @@ every row alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import json
 import os
 import tempfile
@@ -45,6 +50,7 @@ from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from optiq.core.kv import kv_layout, load_kv_config, make_kv_cache
+from optiq.core.kv.attention import cpu_kernels, pure_mlx_attention
 from optiq.core.kv.allocate import allocate_kv_bits
 from optiq.core.kv.cache import MixedKVCache
 from optiq.core.kv.config import KVConfig
@@ -82,18 +88,20 @@ def prefill(model, cache: list, ids: list[int], kv_bits: int | None) -> None:
         mx.eval([c.state for c in cache])
 
 
-def decode_interleaved(model, caches: dict[str, list], ids: list[int]) -> tuple[dict, dict]:
+def decode_interleaved(model, caches: dict[str, list], ids: list[int], pure: set[str]) -> tuple[dict, dict]:
     """Teacher-forced decode of ``ids`` through every cache, one step of each in turn.
 
     Interleaving step by step exposes every row equally to load from other processes;
-    returns each row's logits and per-step times."""
+    returns each row's logits and per-step times. Rows named in ``pure`` decode without
+    ``optiq.kernels``."""
     logits = {name: [] for name in caches}
     times = {name: [] for name in caches}
     for t in ids:
         for name, cache in caches.items():
             tic = time.perf_counter()
-            out = model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32)
-            mx.eval(out)
+            with pure_mlx_attention() if name in pure else contextlib.nullcontext():
+                out = model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32)
+                mx.eval(out)
             times[name].append(time.perf_counter() - tic)
             logits[name].append(out)
     return logits, times
@@ -138,7 +146,7 @@ def main() -> None:
     for t in targets[1:]:
         alloc = allocate_kv_bits(run.sensitivity, run.config.model, t)
         configs[f"optiq {t:g}b"] = KVConfig(model=run.config.model, group_size=run.config.group_size,
-                                            layers=alloc.bits, target_bits=t)
+                                            layers=alloc.bits, target_bits=t, rotation=run.config.rotation)
     for p in args.kv_config:
         c = load_kv_config(p)
         configs[f"optiq {Path(p).parent.name or p}"] = c
@@ -166,6 +174,9 @@ def main() -> None:
     ids = ids[:need]
 
     print(f"model: {lm.path} ({layout.describe()}); device {mx.default_device()}; prompt text: {source}")
+    k = cpu_kernels()
+    print(f"optiq.kernels: {f'loaded, {k.threads()} threads' if k else 'not installed: pure-MLX decode attention'}; "
+          f"KV rotation of the optiq rows: {next(iter(configs.values())).rotation}")
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
           f"(OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})")
     print(f"sensitivity pass (optiq kv-cache, defaults: {run.sensitivity.n_samples} x {run.sensitivity.seq_len} "
@@ -179,8 +190,15 @@ def main() -> None:
 
     rows = [("fp32 KV", None, None), ("mlx kv8", 8, None), ("mlx kv4", 4, None)]
     rows += [(name, None, c) for name, c in configs.items()]
+    main_name, main_c = next(iter(configs.items()))
+    if main_c.rotation != "none":  # the same bits without the Hadamard rotation: what it buys
+        rows.append((f"{main_name} no-rot", None, dataclasses.replace(main_c, rotation="none")))
+    pure = set()
+    if cpu_kernels() is not None and mx.default_device() == mx.cpu:  # the same cache without optiq.kernels
+        pure.add(f"{main_name} MLX")
+        rows.append((f"{main_name} MLX", None, main_c))
     results = []
-    hdr = (f"{'context':>7}  {'cache':<14} {'KV B/token':>10} {'KV total':>10} {'vs fp16':>8} "
+    hdr = (f"{'context':>7}  {'cache':<18} {'KV B/token':>10} {'KV total':>10} {'vs fp16':>8} "
            f"{'KL vs fp32 KV':>14} {'decode tok/s':>12}")
     print(hdr)
     print("-" * len(hdr))
@@ -195,7 +213,7 @@ def main() -> None:
         logits, step_times = None, {name: [] for name, _, _ in rows}
         for r in range(args.rounds):
             caches = {name: copy.deepcopy(states[name]) for name, _, _ in rows}
-            out, times = decode_interleaved(model, caches, cont)
+            out, times = decode_interleaved(model, caches, cont, pure)
             logits = logits or out
             for name in times:
                 step_times[name] += times[name][2:]  # first steps warm up
@@ -208,9 +226,9 @@ def main() -> None:
                 "context": n, "cache": name, "kv_bytes_per_token": per_tok, "kv_bytes_total": b,
                 "ratio_vs_fp16": per_tok / fp16_per_token, "kl_vs_fp32_kv": kl, "decode_tok_s": speed[name],
             })
-            print(f"{n:>7}  {name:<14} {per_tok:>10.1f} {b / 2**20:>8.2f}MB {per_tok / fp16_per_token:>7.1%} "
+            print(f"{n:>7}  {name:<18} {per_tok:>10.1f} {b / 2**20:>8.2f}MB {per_tok / fp16_per_token:>7.1%} "
                   f"{kl:>14.2e} {speed[name]:>12.1f}")
-        print(f"{'':>7}  {'(fp16 KV ref)':<14} {fp16_per_token:>10.1f} {fp16_per_token * n / 2**20:>8.2f}MB {1:>7.1%}")
+        print(f"{'':>7}  {'(fp16 KV ref)':<18} {fp16_per_token:>10.1f} {fp16_per_token * n / 2**20:>8.2f}MB {1:>7.1%}")
     print()
     print(f"load average at end: {os.getloadavg()[0]:.1f} (decode speeds are only comparable on a quiet machine)")
     longest = max(contexts)

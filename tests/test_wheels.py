@@ -26,6 +26,14 @@ PACKAGES = {
         ("grpc",),
     ),
     "optiq_train": ("import optiq.train", ("grpc",)),
+    # compiled against MLX's C++ library; must load beside the mlx it was built for
+    "optiq_kernels": (
+        "import mlx.core as mx, optiq.kernels as k; "
+        "w, s, b = mx.quantize(mx.ones((1, 1, 8, 64), dtype=mx.float16)); "
+        "o = k.quantized_decode_attention(mx.ones((1, 1, 1, 64)), (w, s, b), (w, s, b), k_bits=4, v_bits=4, group_size=64); "
+        "assert mx.allclose(o, mx.ones((1, 1, 1, 64))).item()",
+        ("mlx_lm", "grpc"),
+    ),
     "optiq_runtime": ("import optiq.runtime, optiq.v1", ()),
     "optiq_cli": ("import optiq.cli.main", ()),
 }

@@ -7,18 +7,23 @@ with :func:`mixed_scaled_dot_product_attention`, which handles our caches and ha
 every other cache to the stock function unchanged, so the patch is safe for other
 models in the process.
 
-For a few query rows (decode) it multiplies with the packed codes via
-``mx.quantized_matmul`` (K at ``k_bits``, V at ``v_bits``; on the CPU, keys at 2/4/8
-bits go through :func:`unpacked_scores`, which is faster there), never materialising a
-full-precision copy of the cache (the decode math is ``mx.compile``-d shapelessly, so
-MLX fuses the code unpacking and one trace serves every context length); for many
-rows (prefill) it uses the lazily dequantized keys/values the cache returned and the
-fused SDPA, which is much faster there (MLX's quantized matmul is slow for many rows on the CPU).
+For a few query rows (decode) it reads the packed codes directly, never materialising
+a full-precision copy of the cache. On the CPU that is one fused, multi-threaded kernel
+from ``optiq-kernels`` (:func:`cpu_kernels`) when it is installed; otherwise, and on a
+GPU, ``mx.quantized_matmul`` (K at ``k_bits``, V at ``v_bits``; on the CPU, keys at
+2/4/8 bits go through :func:`unpacked_scores`, which is faster there), ``mx.compile``-d
+shapelessly so MLX fuses the code unpacking and one trace serves every context length.
+For many rows (prefill) it uses the lazily dequantized keys/values the cache returned
+and the fused SDPA, which is much faster there (MLX's quantized matmul is slow for many
+rows on the CPU).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -33,6 +38,7 @@ from .cache import PACKED_MAX_ROWS as QMM_MAX_QUERY_ROWS
 from .cache import _MixedBase
 
 _STOCK_SDPA = mlx_base.scaled_dot_product_attention
+log = logging.getLogger(__name__)
 
 
 def _ON_CPU() -> bool:
@@ -134,6 +140,51 @@ def _key_scores(q: mx.array, kw: mx.array, ks: mx.array, kb: mx.array, bits: int
     return _compiled_plane_scores(bits)(q_planes, q.sum(-1, keepdims=True), kw.view(mx.uint8), ks, kb)
 
 
+_PURE_MLX = [0]  # > 0 inside pure_mlx_attention()
+
+
+@contextmanager
+def pure_mlx_attention():
+    """Decode without ``optiq.kernels`` inside this block (benchmarks and tests compare both)."""
+    _PURE_MLX[0] += 1
+    try:
+        yield
+    finally:
+        _PURE_MLX[0] -= 1
+
+
+def cpu_kernels() -> Any:
+    """``optiq.kernels`` when it is installed and loads, else None (pure-MLX fallback).
+
+    ``OPTIQ_KERNELS=0`` in the environment turns the kernels off for the whole process.
+    """
+    return None if _PURE_MLX[0] else _load_kernels()
+
+
+@lru_cache(maxsize=None)
+def _load_kernels() -> Any:
+    if os.environ.get("OPTIQ_KERNELS", "1") == "0":
+        return None
+    try:
+        import optiq.kernels as kernels
+    except ImportError as e:
+        log.debug("optiq.kernels unavailable, using the pure-MLX decode attention: %s", e)
+        return None
+    return kernels
+
+
+def _fold_mask(mask: Any, B: int, n_kv_heads: int, rep: int, N: int, L: int) -> mx.array:
+    """An attention mask over [B, Hq, N, L] as [B or 1, H_kv, rep * N, L] (bool or additive)."""
+    if isinstance(mask, str):
+        mask = mx.arange(L - N, L)[:, None] >= mx.arange(L)[None]
+    if mask.ndim == 4 and mask.shape[1] != 1:  # per query head -> (kv head, repeat)
+        mask = mask.reshape(mask.shape[0], n_kv_heads, rep, N, L)
+    else:
+        mask = mx.expand_dims(mask.reshape(-1, 1, N, L) if mask.ndim == 4 else mask.reshape(1, 1, N, L), 2)
+    mask = mx.broadcast_to(mask, (mask.shape[0], n_kv_heads, rep, N, L))
+    return mask.reshape(mask.shape[0], n_kv_heads, rep * N, L)
+
+
 def quantized_attention(
     queries: mx.array,
     cache: _MixedBase,
@@ -145,29 +196,32 @@ def quantized_attention(
     B, n_q_heads, N, D = queries.shape
     n_kv_heads = kw.shape[1]
     rep = n_q_heads // n_kv_heads
+    L = kw.shape[2]
     dt = queries.dtype
-    if dt != ks.dtype and not _ON_CPU():
-        # MLX's CPU kernel takes fp16 scales with fp32 inputs (same result); elsewhere match dtypes.
-        ks, kb, vs, vb = (x.astype(dt) for x in (ks, kb, vs, vb))
     # Fold the query heads sharing one KV head into the row dimension: one matmul per KV head.
     q = (queries * scale).reshape(B, n_kv_heads, rep * N, D)
     q = quant.rotate(q, cache.rotation, cache.group_size)  # stored keys are rotated: q.k = qR.kR
-    scores = _key_scores(q, kw, ks, kb, cache.k_bits, cache.group_size)
     if mask is not None:
-        L = scores.shape[-1]
-        scores = scores.reshape(B, n_kv_heads, rep, N, L)
-        if isinstance(mask, str):
-            mask = mx.arange(L - N, L)[:, None] >= mx.arange(L)[None]
-        elif mask.ndim == 4:  # [B or 1, 1 or H, N, L] -> broadcast over the folded repeats
-            mask = mx.expand_dims(mask, 2) if mask.shape[1] == 1 else mask.reshape(
-                mask.shape[0], n_kv_heads, rep, N, L
-            )
-        if mask.dtype == mx.bool_:
-            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-        else:
-            scores = scores + mask
-        scores = scores.reshape(B, n_kv_heads, rep * N, L)
-    out = _softmax_values(cache.v_bits, cache.group_size, scores, vw, vs, vb)
+        mask = _fold_mask(mask, B, n_kv_heads, rep, N, L)
+    kernels = cpu_kernels() if _ON_CPU() else None
+    if kernels is not None:
+        if mask is not None and mask.dtype == mx.bool_:
+            mask = mx.where(mask, 0.0, -mx.inf)
+        out = kernels.quantized_decode_attention(
+            q, (kw, ks, kb), (vw, vs, vb), k_bits=cache.k_bits, v_bits=cache.v_bits,
+            group_size=cache.group_size, mask=mask,
+        ).astype(dt)
+    else:
+        if dt != ks.dtype and not _ON_CPU():
+            # MLX's CPU kernel takes fp16 scales with fp32 inputs (same result); elsewhere match dtypes.
+            ks, kb, vs, vb = (x.astype(dt) for x in (ks, kb, vs, vb))
+        scores = _key_scores(q, kw, ks, kb, cache.k_bits, cache.group_size)
+        if mask is not None:
+            if mask.dtype == mx.bool_:
+                scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+            else:
+                scores = scores + mask
+        out = _softmax_values(cache.v_bits, cache.group_size, scores, vw, vs, vb)
     out = quant.rotate(out, cache.rotation, cache.group_size)  # p.(VR) = (p.V)R: R undoes itself
     return out.reshape(B, n_q_heads, N, -1)
 

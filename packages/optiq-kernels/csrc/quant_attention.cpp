@@ -1,0 +1,460 @@
+// Fused decode attention over a packed (affine-quantized) KV cache, on the CPU.
+//
+// MLX's CPU backend has no fused dequantize-GEMV: reading an N-bit KV cache costs a
+// conversion of every code to fp32 (single-threaded elementwise ops) before BLAS, and
+// its exp runs at ~20 ns per element. This primitive reads the packed codes directly,
+// keeps everything for one KV head and a slice of positions in cache, and splits the
+// positions over a few threads (flash-decoding style: each slice keeps its own max,
+// sum and weighted values; the slices are merged at the end).
+//
+// Storage (MLX's affine quantization, as mx.quantize writes it): along the last axis,
+// groups of `group_size` elements share a scale s and a bias b (x = s * code + b);
+// codes are packed little-endian into uint32 words, element j at bits [j*bits, (j+1)*bits)
+// of a continuous bitstream.
+
+#include <algorithm>
+#include <bit>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <future>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+#include "mlx/threadpool.h"
+#include "mlx/version.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// One portable build, with an AVX2+FMA copy of the hot loop picked at load time.
+#define OPTIQ_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define OPTIQ_MULTIVERSION
+#endif
+
+namespace {
+
+constexpr int kChunk = 1024;  // positions per task
+
+// A [B, H, L, W] operand: byte strides of batch, head and position (0 = broadcast).
+struct Operand {
+  const char* ptr = nullptr;
+  int64_t sb = 0, sh = 0, sl = 0;
+
+  template <typename T>
+  const T* at(int b, int h, int64_t l) const {
+    return reinterpret_cast<const T*>(ptr + b * sb + h * sh + l * sl);
+  }
+};
+
+Operand operand(const mx::array& a) {
+  const int64_t size = mx::size_of(a.dtype());
+  const auto& st = a.strides();
+  const int n = a.ndim();
+  return Operand{a.data<char>(), int64_t(st[n - 4]) * size, int64_t(st[n - 3]) * size, int64_t(st[n - 2]) * size};
+}
+
+// fp16 through the compiler's native half type where it has one (a single instruction
+// with F16C/NEON); MLX's portable float16_t converts in software on x86.
+#if defined(__FLT16_MAX__)
+using half_t = _Float16;
+#else
+using half_t = mx::float16_t;
+#endif
+
+// Codes of one position into floats. For 2/4/8 bits the order is "planar" within each
+// group (all codes at bit offset 0 of their byte, then offset `bits`, ...), which keeps
+// every loop here contiguous; `plane_index` maps an element to that order. 3/5/6 bits
+// keep the natural order.
+inline bool planar(int bits) {
+  return bits == 2 || bits == 4 || bits == 8;
+}
+
+inline int plane_index(int d, int bits, int gs) {
+  if (!planar(bits)) return d;
+  const int per = 8 / bits, g = d / gs, j = d % gs;
+  return g * gs + (j % per) * (gs / per) + j / per;
+}
+
+// One group of byte-aligned codes (2/4/8 bits) into floats, in planar order.
+template <int BITS, int GS>
+inline void decode_group(const uint8_t* p, float* out) {
+  constexpr int per = 8 / BITS, w = GS / per;  // codes per byte, bytes per group
+  constexpr uint8_t mask = (1 << BITS) - 1;
+  for (int j = 0; j < per; ++j)
+    for (int i = 0; i < w; ++i) out[j * w + i] = static_cast<float>((p[i] >> (j * BITS)) & mask);
+}
+
+template <int BITS, int GS>
+inline void decode_planar(const uint8_t* p, int64_t stride, int rows, int n, float* out) {
+  constexpr int w = GS * BITS / 8;
+  for (int t = 0; t < rows; ++t)
+    for (int g = 0; g < n / GS; ++g) decode_group<BITS, GS>(p + t * stride + g * w, out + t * n + g * GS);
+}
+
+// Codes of `rows` positions (byte stride `stride`) into floats [rows, n].
+template <int GS>
+inline void decode_rows(const uint8_t* p, int64_t stride, int rows, int n, int bits, float* out) {
+  switch (bits) {
+    case 8: return decode_planar<8, GS>(p, stride, rows, n, out);
+    case 4: return decode_planar<4, GS>(p, stride, rows, n, out);
+    case 2: return decode_planar<2, GS>(p, stride, rows, n, out);
+  }
+  const uint32_t mask = (1u << bits) - 1;  // 3/5/6 bits: codes straddle bytes, natural order
+  for (int t = 0; t < rows; ++t)
+    for (int i = 0; i < n; ++i) {
+      const uint8_t* row = p + t * stride;
+      const int bit = i * bits, byte = bit >> 3, shift = bit & 7;
+      uint32_t v = row[byte];
+      if (shift + bits > 8) v |= uint32_t(row[byte + 1]) << 8;
+      out[t * n + i] = static_cast<float>((v >> shift) & mask);
+    }
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max): 2^k * p(f), relative error
+// ~2e-7; plain arithmetic, so the loops calling it vectorize (libm's expf does not).
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const float k = std::floor(t);
+  const float f = t - k;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  return p * std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);
+}
+
+struct Problem {
+  int B, H, R, D, Dv, gs, k_bits, v_bits;
+  int64_t L;
+  Operand q, kw, ks, kb, vw, vs, vb;
+  int64_t q_row;  // byte stride of the query rows
+  const float* mask_data;
+  bool has_mask;
+};
+
+// Partial result of one (batch, head, slice of positions).
+struct Partial {
+  std::vector<float> max, sum, acc;  // [R], [R], [R * Dv] (values in planar order)
+};
+
+// Scales or biases of positions [l0, l1) as floats: [n, groups].
+template <typename S>
+OPTIQ_MULTIVERSION void gather_floats(const Operand& a, int b, int h, int64_t l0, int64_t l1, int groups, float* out) {
+  for (int64_t l = l0; l < l1; ++l) {
+    const S* row = a.at<S>(b, h, l);
+    for (int g = 0; g < groups; ++g) out[(l - l0) * groups + g] = static_cast<float>(row[g]);
+  }
+}
+
+constexpr int kBlock = 64;  // positions decoded at a time (stays in L1)
+
+template <int GS>
+OPTIQ_MULTIVERSION void slice_kernel(const Problem& P, int b, int h, int64_t l0, int64_t l1, const float* qp,
+                                     const float* qsum, const float* k_s, const float* k_z, const float* v_s,
+                                     const float* v_z, Partial& out) {
+  const int R = P.R, D = P.D, Dv = P.Dv, Gk = D / GS, Gv = Dv / GS;
+  const int64_t n = l1 - l0;
+  std::vector<float> codes(size_t(kBlock) * std::max(D, Dv)), scores(size_t(R) * n);
+  out.max.assign(R, -INFINITY);
+  out.sum.assign(R, 0.0f);
+  out.acc.assign(size_t(R) * Dv, 0.0f);
+
+  // Scores: per group, s * (q . codes) + b * sum(q).
+  for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
+    const int rows = int(std::min<int64_t>(kBlock, n - t0));
+    decode_rows<GS>(P.kw.at<uint8_t>(b, h, l0 + t0), P.kw.sl, rows, D, P.k_bits, codes.data());
+    for (int r = 0; r < R; ++r) {
+      const float* qr = qp + r * D;
+      float* sr = scores.data() + r * n + t0;
+      for (int t = 0; t < rows; ++t) {
+        const float* c = codes.data() + t * D;
+        const float* s = k_s + (t0 + t) * Gk;
+        const float* z = k_z + (t0 + t) * Gk;
+        float total = 0.0f;
+        for (int g = 0; g < Gk; ++g) {
+          float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          for (int d = 0; d < GS; d += 8)
+            for (int j = 0; j < 8; ++j) a[j] += qr[g * GS + d + j] * c[g * GS + d + j];
+          const float dot = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+          total += s[g] * dot + z[g] * qsum[r * Gk + g];
+        }
+        sr[t] = total;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* sr = scores.data() + r * n;
+    if (P.has_mask) {  // contiguous [B, H, R, L]
+      const float* m = P.mask_data + ((int64_t(b) * P.H + h) * R + r) * P.L + l0;
+      for (int64_t i = 0; i < n; ++i) sr[i] += m[i];
+    }
+    float top = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) top = std::max(top, sr[i]);
+    if (top == -INFINITY) {  // every position of this slice is masked out: no weight
+      std::fill(sr, sr + n, 0.0f);
+      continue;
+    }
+    for (int64_t i = 0; i < n; ++i) sr[i] = exp_nonpositive(sr[i] - top);
+    float s8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      for (int j = 0; j < 8; ++j) s8[j] += sr[i + j];
+    float sum = ((s8[0] + s8[1]) + (s8[2] + s8[3])) + ((s8[4] + s8[5]) + (s8[6] + s8[7]));
+    for (; i < n; ++i) sum += sr[i];
+    out.max[r] = top;
+    out.sum[r] = sum;
+  }
+  // Values: sum_l p_l * (s_l * codes_l + b_l); one group's accumulator stays in registers.
+  for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
+    const int rows = int(std::min<int64_t>(kBlock, n - t0));
+    decode_rows<GS>(P.vw.at<uint8_t>(b, h, l0 + t0), P.vw.sl, rows, Dv, P.v_bits, codes.data());
+    for (int r = 0; r < R; ++r) {
+      const float* pr = scores.data() + r * n + t0;
+      float* acc = out.acc.data() + size_t(r) * Dv;
+      for (int g = 0; g < Gv; ++g) {
+        float a[GS];
+        for (int d = 0; d < GS; ++d) a[d] = 0.0f;
+        float bias = 0.0f;
+        for (int t = 0; t < rows; ++t) {
+          const float p = pr[t];
+          const float w = p * v_s[(t0 + t) * Gv + g];
+          bias += p * v_z[(t0 + t) * Gv + g];
+          const float* c = codes.data() + t * Dv + g * GS;
+          for (int d = 0; d < GS; ++d) a[d] += w * c[d];
+        }
+        for (int d = 0; d < GS; ++d) acc[g * GS + d] += a[d] + bias;
+      }
+    }
+  }
+}
+
+template <typename S>
+void run_slice(const Problem& P, int b, int h, int64_t l0, int64_t l1, const float* qp, const float* qsum,
+               Partial& out) {
+  const int64_t n = l1 - l0;
+  const int Gk = P.D / P.gs, Gv = P.Dv / P.gs;
+  std::vector<float> k_s(n * Gk), k_z(n * Gk), v_s(n * Gv), v_z(n * Gv);
+  gather_floats<S>(P.ks, b, h, l0, l1, Gk, k_s.data());
+  gather_floats<S>(P.kb, b, h, l0, l1, Gk, k_z.data());
+  gather_floats<S>(P.vs, b, h, l0, l1, Gv, v_s.data());
+  gather_floats<S>(P.vb, b, h, l0, l1, Gv, v_z.data());
+  const float *ks = k_s.data(), *kz = k_z.data(), *vs = v_s.data(), *vz = v_z.data();
+  switch (P.gs) {
+    case 32: slice_kernel<32>(P, b, h, l0, l1, qp, qsum, ks, kz, vs, vz, out); break;
+    case 64: slice_kernel<64>(P, b, h, l0, l1, qp, qsum, ks, kz, vs, vz, out); break;
+    case 128: slice_kernel<128>(P, b, h, l0, l1, qp, qsum, ks, kz, vs, vz, out); break;
+    default: throw std::invalid_argument("[optiq.kernels] group_size must be 32, 64 or 128");
+  }
+}
+
+int thread_count() {
+  static const int n = [] {
+    if (const char* env = std::getenv("OPTIQ_KERNEL_THREADS")) {
+      const int v = std::atoi(env);
+      if (v > 0) return v;
+    }
+    const unsigned hw = std::thread::hardware_concurrency();
+    return int(std::clamp(hw == 0 ? 1u : hw, 1u, 8u));
+  }();
+  return n;
+}
+
+ThreadPool& pool() {
+  static ThreadPool p(std::max(1, thread_count() - 1));
+  return p;
+}
+
+template <typename S>
+void run(const Problem& P, float* out) {
+  const int R = P.R, D = P.D, Dv = P.Dv, gs = P.gs, Gk = D / gs;
+  const int64_t slices = std::max<int64_t>(1, (P.L + kChunk - 1) / kChunk);
+  const int64_t tasks = int64_t(P.B) * P.H * slices;
+  std::vector<Partial> parts(tasks);
+  // Queries permuted to the keys' planar order, and their per-group sums.
+  std::vector<float> qperm(size_t(P.B) * P.H * R * D), qsum(size_t(P.B) * P.H * R * Gk);
+  for (int b = 0; b < P.B; ++b)
+    for (int h = 0; h < P.H; ++h)
+      for (int r = 0; r < R; ++r) {
+        const float* src = reinterpret_cast<const float*>(P.q.ptr + b * P.q.sb + h * P.q.sh + r * P.q_row);
+        const size_t row = (size_t(b) * P.H + h) * R + r;
+        for (int d = 0; d < D; ++d) qperm[row * D + plane_index(d, P.k_bits, gs)] = src[d];
+        for (int g = 0; g < Gk; ++g) {
+          float s = 0.0f;
+          for (int d = 0; d < gs; ++d) s += src[g * gs + d];
+          qsum[row * Gk + g] = s;
+        }
+      }
+  std::atomic<int64_t> next{0};
+  auto worker = [&] {
+    for (int64_t t = next++; t < tasks; t = next++) {
+      const int64_t c = t % slices, bh = t / slices;
+      const int b = int(bh / P.H), h = int(bh % P.H);
+      const int64_t l0 = c * kChunk, l1 = std::min(P.L, l0 + kChunk);
+      const size_t row = size_t(bh) * R;
+      run_slice<S>(P, b, h, l0, l1, qperm.data() + row * D, qsum.data() + row * Gk, parts[t]);
+    }
+  };
+  const int helpers = int(std::min<int64_t>(thread_count(), tasks)) - 1;
+  std::vector<std::future<void>> done;
+  for (int i = 0; i < helpers; ++i) done.push_back(pool().enqueue(worker));
+  worker();
+  for (auto& f : done) f.get();
+
+  // Merge the slices and undo the values' planar order.
+  std::vector<float> merged(Dv);
+  for (int64_t bh = 0; bh < int64_t(P.B) * P.H; ++bh)
+    for (int r = 0; r < R; ++r) {
+      float m = -INFINITY;
+      for (int64_t c = 0; c < slices; ++c) m = std::max(m, parts[bh * slices + c].max[r]);
+      float* dst = out + (size_t(bh) * R + r) * Dv;
+      if (m == -INFINITY) {  // fully masked row
+        std::fill(dst, dst + Dv, 0.0f);
+        continue;
+      }
+      float sum = 0.0f;
+      std::fill(merged.begin(), merged.end(), 0.0f);
+      for (int64_t c = 0; c < slices; ++c) {
+        const Partial& p = parts[bh * slices + c];
+        const float w = std::exp(p.max[r] - m);
+        sum += w * p.sum[r];
+        const float* acc = p.acc.data() + size_t(r) * Dv;
+        for (int d = 0; d < Dv; ++d) merged[d] += w * acc[d];
+      }
+      const float inv = 1.0f / sum;
+      for (int d = 0; d < Dv; ++d) dst[d] = merged[plane_index(d, P.v_bits, gs)] * inv;
+    }
+}
+
+class QuantizedDecodeAttention : public mx::Primitive {
+ public:
+  QuantizedDecodeAttention(mx::Stream s, int k_bits, int v_bits, int group_size, bool has_mask)
+      : mx::Primitive(s), k_bits_(k_bits), v_bits_(v_bits), gs_(group_size), has_mask_(has_mask) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
+    for (size_t i = 1; i < 7; ++i)
+      if (in[i].strides().back() != 1 && in[i].shape().back() != 1)
+        throw std::invalid_argument("[optiq.kernels] packed K/V operands need a contiguous last axis");
+    auto& out = outs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([in = in, out = mx::array::unsafe_weak_copy(out), kb = k_bits_, vb = v_bits_, gs = gs_,
+                  hm = has_mask_]() mutable {
+      const auto& q = in[0];
+      Problem P{};
+      P.B = q.shape(0), P.H = q.shape(1), P.R = q.shape(2), P.D = q.shape(3), P.Dv = out.shape(3);
+      P.L = in[1].shape(2), P.gs = gs, P.k_bits = kb, P.v_bits = vb;
+      P.q = operand(q), P.q_row = int64_t(q.strides()[2]) * 4;
+      P.kw = operand(in[1]), P.ks = operand(in[2]), P.kb = operand(in[3]);
+      P.vw = operand(in[4]), P.vs = operand(in[5]), P.vb = operand(in[6]);
+      P.has_mask = hm;
+      P.mask_data = hm ? in[7].data<float>() : nullptr;
+      float* o = out.data<float>();
+      switch (in[2].dtype()) {
+        case mx::float16: run<half_t>(P, o); break;
+        case mx::bfloat16: run<mx::bfloat16_t>(P, o); break;
+        default: run<float>(P, o);
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[optiq.kernels] quantized_decode_attention runs on the CPU only");
+  }
+
+  const char* name() const override {
+    return "OptiqQuantizedDecodeAttention";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const QuantizedDecodeAttention&>(other);
+    return k_bits_ == o.k_bits_ && v_bits_ == o.v_bits_ && gs_ == o.gs_ && has_mask_ == o.has_mask_;
+  }
+
+ private:
+  int k_bits_, v_bits_, gs_;
+  bool has_mask_;
+};
+
+void check(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument("[optiq.kernels] " + msg);
+}
+
+void check_packed(const mx::array& w, const mx::array& s, const mx::array& z, const char* what, int bits,
+                  int gs, int B, int H, int64_t L) {
+  const std::string n(what);
+  check(w.ndim() == 4 && s.ndim() == 4 && z.ndim() == 4, n + " codes, scales and biases must be [B, H, L, *]");
+  check(w.dtype() == mx::uint32, n + " codes must be uint32 (as mx.quantize packs them)");
+  check(s.dtype() == z.dtype() && (s.dtype() == mx::float16 || s.dtype() == mx::bfloat16 || s.dtype() == mx::float32),
+        n + " scales and biases must share one float dtype");
+  check(w.shape(0) == B && w.shape(1) == H && w.shape(2) == L, n + " codes do not match the queries' batch/heads or the keys' length");
+  const int64_t dim = int64_t(w.shape(3)) * 32 / bits;
+  check(dim % gs == 0 && s.shape(3) == dim / gs && z.shape(3) == dim / gs, n + " scales/biases do not match codes and group size");
+  check(s.shape(0) == B && s.shape(1) == H && s.shape(2) == L && z.shape(2) == L, n + " scales/biases do not match the codes");
+}
+
+mx::array quantized_decode_attention(const mx::array& q, const mx::array& k_codes, const mx::array& k_scales,
+                                     const mx::array& k_biases, const mx::array& v_codes, const mx::array& v_scales,
+                                     const mx::array& v_biases, std::optional<mx::array> mask, int k_bits,
+                                     int v_bits, int group_size) {
+  for (int bits : {k_bits, v_bits})
+    check(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8,
+          "bits must be one of 2, 3, 4, 5, 6, 8 (got " + std::to_string(bits) + ")");
+  check(group_size == 32 || group_size == 64 || group_size == 128, "group_size must be 32, 64 or 128");
+  check(q.ndim() == 4, "queries must be [B, H_kv, rows, head_dim]");
+  const int B = q.shape(0), H = q.shape(1), R = q.shape(2), D = q.shape(3);
+  const int64_t L = k_codes.shape(2);
+  check(L > 0, "the cache is empty");
+  check(D % group_size == 0, "group_size must divide head_dim");
+  check(int64_t(k_codes.shape(3)) * 32 / k_bits == D, "key codes do not match the queries' head_dim");
+  check_packed(k_codes, k_scales, k_biases, "key", k_bits, group_size, B, H, L);
+  check_packed(v_codes, v_scales, v_biases, "value", v_bits, group_size, B, H, L);
+  const int Dv = int(int64_t(v_codes.shape(3)) * 32 / v_bits);
+
+  auto s = mx::default_stream(mx::Device::cpu);
+  // Queries and mask: fp32 and contiguous (small). The cache operands are read in place
+  // through their strides (a slice of a larger buffer, as caches hand them out).
+  auto prep = [&](const mx::array& a) { return mx::contiguous(mx::astype(a, mx::float32, s), false, s); };
+  std::vector<mx::array> inputs = {prep(q), k_codes, k_scales, k_biases, v_codes, v_scales, v_biases};
+  if (mask) {
+    check(mask->ndim() == 4, "mask must be [B or 1, H_kv or 1, rows, L] (additive)");
+    inputs.push_back(prep(mx::broadcast_to(*mask, {B, H, R, int(L)}, s)));
+  }
+  return mx::array({B, H, R, Dv}, mx::float32,
+                   std::make_shared<QuantizedDecodeAttention>(s, k_bits, v_bits, group_size, mask.has_value()),
+                   std::move(inputs));
+}
+
+}  // namespace
+
+NB_MODULE(_ext, m) {
+  m.doc() = "OptiQ CPU kernels for MLX";
+  m.attr("MLX_VERSION") = std::to_string(MLX_VERSION_MAJOR) + "." + std::to_string(MLX_VERSION_MINOR) + "." +
+                          std::to_string(MLX_VERSION_PATCH);
+  m.def("threads", &thread_count, "Threads the kernels split work over (OPTIQ_KERNEL_THREADS, default: cores, at most 8).");
+  m.def("quantized_decode_attention", &quantized_decode_attention, nb::arg("q"), nb::arg("k_codes"),
+        nb::arg("k_scales"), nb::arg("k_biases"), nb::arg("v_codes"), nb::arg("v_scales"), nb::arg("v_biases"),
+        nb::arg("mask").none() = nb::none(), nb::arg("k_bits"), nb::arg("v_bits"), nb::arg("group_size"),
+        "softmax(q @ K^T + mask) @ V over packed K/V codes; q [B, H_kv, rows, D] already scaled. Returns fp32.");
+}

@@ -1,0 +1,110 @@
+"""optiq-kernels: the fused CPU decode attention over packed K/V codes, against the
+same math on dequantized fp32 K/V, and wired into OptiQ's decode attention."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from optiq.core.kv import MixedKVCache
+from optiq.core.kv.attention import cpu_kernels, pure_mlx_attention, quantized_attention
+
+kernels = pytest.importorskip("optiq.kernels", reason="optiq-kernels is not built on this platform")
+
+
+def reference(q, kq, vq, k_bits, v_bits, group_size, mask=None):
+    f32 = mx.float32
+    k = mx.dequantize(kq[0], kq[1].astype(f32), kq[2].astype(f32), group_size=group_size, bits=k_bits)
+    v = mx.dequantize(vq[0], vq[1].astype(f32), vq[2].astype(f32), group_size=group_size, bits=v_bits)
+    scores = q @ k.swapaxes(-1, -2)
+    if mask is not None:
+        scores = scores + mask
+    return mx.softmax(scores, axis=-1, precise=True) @ v
+
+
+def packed(shape, bits, group_size, dtype=mx.float16, seed=0):
+    x = mx.random.normal(shape, key=mx.random.key(seed))
+    return mx.quantize(x.astype(dtype), group_size=group_size, bits=bits)
+
+
+@pytest.mark.parametrize(
+    ("k_bits", "v_bits", "group_size", "L", "B", "H", "R", "D"),
+    [
+        (4, 4, 64, 3000, 1, 1, 2, 64),  # several 1024-position slices, merged
+        (8, 8, 64, 700, 2, 2, 1, 64),
+        (2, 2, 32, 1500, 1, 1, 4, 64),
+        (3, 3, 64, 1100, 1, 1, 2, 64),  # 3/5/6 bits: codes straddle bytes
+        (5, 6, 32, 2100, 1, 2, 3, 128),
+        (6, 5, 128, 300, 1, 1, 1, 128),
+        (4, 8, 64, 2049, 3, 1, 2, 64),
+        (4, 4, 64, 1, 1, 1, 1, 64),  # a single cached position
+    ],
+)
+def test_kernel_equals_dequantized_attention(k_bits, v_bits, group_size, L, B, H, R, D):
+    kq = packed((B, H, L, D), k_bits, group_size, seed=1)
+    vq = packed((B, H, L, D), v_bits, group_size, seed=2)
+    q = 0.2 * mx.random.normal((B, H, R, D), key=mx.random.key(3))
+    mask = mx.where(mx.random.uniform(shape=(B, 1, R, L), key=mx.random.key(4)) < 0.1, -mx.inf, 0.0)
+    for m in (None, mask):
+        ref = reference(q, kq, vq, k_bits, v_bits, group_size, m)
+        out = kernels.quantized_decode_attention(q, kq, vq, k_bits=k_bits, v_bits=v_bits, group_size=group_size, mask=m)
+        assert out.dtype == mx.float32 and out.shape == (B, H, R, D)
+        assert mx.abs(out - ref).max().item() < 5e-6
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_kernel_reads_other_scale_dtypes_and_strided_slices(dtype):
+    """A cache hands out slices of a larger buffer: the kernel reads them in place."""
+    kq, vq = packed((1, 2, 4096, 64), 4, 64, dtype, seed=5), packed((1, 2, 4096, 64), 8, 64, dtype, seed=6)
+    kq, vq = (tuple(x[..., :2500, :] for x in t) for t in (kq, vq))
+    q = mx.random.normal((1, 2, 2, 64), key=mx.random.key(7)) * 0.2
+    ref = reference(q, kq, vq, 4, 8, 64)
+    out = kernels.quantized_decode_attention(q, kq, vq, k_bits=4, v_bits=8, group_size=64)
+    assert mx.abs(out - ref).max().item() < 5e-6
+
+
+def test_fully_masked_rows_give_zeros_not_nans():
+    kq, vq = packed((1, 1, 2000, 64), 4, 64), packed((1, 1, 2000, 64), 4, 64, seed=1)
+    q = mx.random.normal((1, 1, 2, 64), key=mx.random.key(2))
+    mask = mx.concatenate([mx.full((1, 1, 1, 2000), -mx.inf), mx.zeros((1, 1, 1, 2000))], axis=2)
+    mask[..., 1, :1500] = -mx.inf  # row 1: only the last slice is visible
+    out = kernels.quantized_decode_attention(q, kq, vq, k_bits=4, v_bits=4, group_size=64, mask=mask)
+    assert mx.all(out[0, 0, 0] == 0).item()
+    ref = reference(q[..., 1:, :], tuple(x[..., 1500:, :] for x in kq), tuple(x[..., 1500:, :] for x in vq), 4, 4, 64)
+    assert mx.abs(out[..., 1:, :] - ref).max().item() < 5e-6
+
+
+def test_kernel_refuses_what_it_cannot_read():
+    kq, vq = packed((1, 1, 16, 64), 4, 64), packed((1, 1, 16, 64), 4, 64)
+    q = mx.zeros((1, 1, 1, 64))
+    with pytest.raises(ValueError, match="bits must be one of"):
+        kernels.quantized_decode_attention(q, kq, vq, k_bits=7, v_bits=4, group_size=64)
+    with pytest.raises(ValueError, match="group_size must be 32, 64 or 128"):
+        kernels.quantized_decode_attention(q, kq, vq, k_bits=4, v_bits=4, group_size=16)
+    with pytest.raises(ValueError, match="key codes do not match"):
+        kernels.quantized_decode_attention(mx.zeros((1, 1, 1, 128)), kq, vq, k_bits=4, v_bits=4, group_size=64)
+    with pytest.raises(ValueError, match="uint32"):
+        kernels.quantized_decode_attention(q, (kq[0].astype(mx.int32), *kq[1:]), vq, k_bits=4, v_bits=4, group_size=64)
+    with pytest.raises(ValueError, match="scales/biases do not match"):
+        kernels.quantized_decode_attention(q, kq, vq, k_bits=4, v_bits=4, group_size=32)
+
+
+def test_kernel_is_built_for_the_installed_mlx():
+    assert kernels.BUILT_AGAINST_MLX == mx.__version__.split(".dev")[0]
+    assert kernels.threads() >= 1
+
+
+@pytest.mark.parametrize("rotation", ["hadamard", "none"])
+def test_decode_attention_uses_the_kernel_and_matches_pure_mlx(rotation):
+    """GQA decode with a left-padding style boolean mask, through OptiQ's attention."""
+    assert cpu_kernels() is kernels
+    cache = MixedKVCache(4, 8, 64, rotation)
+    k, v = (mx.random.normal((2, 2, 1500, 128), key=mx.random.key(s)) for s in (8, 9))
+    cache.update_and_fetch(k, v)
+    q = mx.random.normal((2, 4, 1, 128), key=mx.random.key(10))
+    mask = mx.arange(1500)[None, None, None, :] >= mx.array([0, 700])[:, None, None, None]  # [B, 1, 1, L]
+    for m in (None, mask):
+        fast = quantized_attention(q, cache, 128**-0.5, m)
+        with pure_mlx_attention():
+            assert cpu_kernels() is None
+            slow = quantized_attention(q, cache, 128**-0.5, m)
+        assert mx.allclose(fast, slow, atol=1e-5).item()
