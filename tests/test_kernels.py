@@ -108,3 +108,35 @@ def test_decode_attention_uses_the_kernel_and_matches_pure_mlx(rotation):
             assert cpu_kernels() is None
             slow = quantized_attention(q, cache, 128**-0.5, m)
         assert mx.allclose(fast, slow, atol=1e-5).item()
+
+
+def test_unusable_kernels_fall_back_to_pure_mlx_with_a_warning(monkeypatch, caplog):
+    import builtins
+    import sys
+
+    from optiq.core.kv import attention
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "optiq.kernels":
+            raise ImportError("optiq-kernels was built against MLX 0.0.0")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "optiq.kernels")
+    monkeypatch.setattr(builtins, "__import__", broken)
+    attention._load_kernels.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert attention.cpu_kernels() is None
+        assert "built against MLX 0.0.0" in caplog.text
+        from optiq.core.kv.attention import _STOCK_SDPA
+
+        cache = MixedKVCache(4, 4, 64)
+        cache.update_and_fetch(*(mx.random.normal((1, 1, 40, 64), key=mx.random.key(s)) for s in (0, 1)))
+        q = mx.random.normal((1, 2, 1, 64), key=mx.random.key(2))
+        out = quantized_attention(q, cache, 0.125, None)  # the pure-MLX path
+        ref = _STOCK_SDPA(q, *cache._dequantized(40), cache=None, scale=0.125, mask=None)
+        assert mx.allclose(out, ref, atol=1e-4).item()
+    finally:
+        attention._load_kernels.cache_clear()

@@ -167,8 +167,11 @@ def _load_kernels() -> Any:
         return None
     try:
         import optiq.kernels as kernels
-    except ImportError as e:
-        log.debug("optiq.kernels unavailable, using the pure-MLX decode attention: %s", e)
+    except ModuleNotFoundError as e:  # not installed: the pure-MLX path is the expected one
+        log.debug("optiq.kernels is not installed, using the pure-MLX decode attention: %s", e)
+        return None
+    except ImportError as e:  # installed but unusable (e.g. built for another MLX): say so
+        log.warning("optiq.kernels did not load, KV decode falls back to pure MLX (slower on the CPU): %s", e)
         return None
     return kernels
 
