@@ -51,7 +51,8 @@ from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from optiq.core.kv import kv_layout, load_kv_config, make_kv_cache
-from optiq.core.kv.attention import cpu_kernels, pure_mlx_attention
+from optiq.core.cpu import kernels as cpu_kernels
+from optiq.core.cpu import pure_mlx
 from optiq.core.kv.allocate import allocate_kv_bits
 from optiq.core.kv.cache import MixedKVCache
 from optiq.core.kv.config import KVConfig
@@ -100,7 +101,7 @@ def decode_interleaved(model, caches: dict[str, list], ids: list[int], pure: set
     for t in ids:
         for name, cache in caches.items():
             tic = time.perf_counter()
-            with pure_mlx_attention() if name in pure else contextlib.nullcontext():
+            with pure_mlx() if name in pure else contextlib.nullcontext():
                 out = model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32)
                 mx.eval(out)
             times[name].append(time.perf_counter() - tic)

@@ -100,19 +100,10 @@ def main() -> None:
     if args.llama and not args.one:
         import tempfile
 
-        import mlx.core as mx
+        from optiq.core.tiny_models import make_random_llama
 
-        from optiq.core.model_io import bundled_model_path
-        from optiq.core.tiny_models import build_model, copy_tokenizer_files, save_model_dir
-
-        h = args.llama
-        cfg = {"model_type": "llama", "hidden_size": h, "intermediate_size": 3 * h, "num_hidden_layers": 4,
-               "num_attention_heads": max(1, h // 64), "num_key_value_heads": max(1, h // 256),
-               "vocab_size": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-               "torch_dtype": "bfloat16", "max_position_embeddings": 4096, "rope_theta": 10000.0}
         tmp = tempfile.mkdtemp(prefix="optiq-speed-")
-        save_model_dir(build_model(cfg, seed=0), cfg, Path(tmp) / "llama", dtype=mx.bfloat16)
-        copy_tokenizer_files(bundled_model_path(), Path(tmp) / "llama")
+        make_random_llama(Path(tmp) / "llama", args.llama)
         args.model = str(Path(tmp) / "llama")
     model = str(resolve_model_path(args.model))
     if args.one:

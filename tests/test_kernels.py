@@ -6,7 +6,10 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 from optiq.core.kv import MixedKVCache
-from optiq.core.kv.attention import cpu_kernels, pure_mlx_attention, quantized_attention
+from optiq.core import cpu
+from optiq.core.cpu import kernels as cpu_kernels
+from optiq.core.cpu import pure_mlx
+from optiq.core.kv.attention import quantized_attention
 
 kernels = pytest.importorskip("optiq.kernels", reason="optiq-kernels is not built on this platform")
 
@@ -104,7 +107,7 @@ def test_decode_attention_uses_the_kernel_and_matches_pure_mlx(rotation):
     mask = mx.arange(1500)[None, None, None, :] >= mx.array([0, 700])[:, None, None, None]  # [B, 1, 1, L]
     for m in (None, mask):
         fast = quantized_attention(q, cache, 128**-0.5, m)
-        with pure_mlx_attention():
+        with pure_mlx():
             assert cpu_kernels() is None
             slow = quantized_attention(q, cache, 128**-0.5, m)
         assert mx.allclose(fast, slow, atol=1e-5).item()
@@ -113,8 +116,6 @@ def test_decode_attention_uses_the_kernel_and_matches_pure_mlx(rotation):
 def test_unusable_kernels_fall_back_to_pure_mlx_with_a_warning(monkeypatch, caplog):
     import builtins
     import sys
-
-    from optiq.core.kv import attention
 
     real_import = builtins.__import__
 
@@ -125,10 +126,10 @@ def test_unusable_kernels_fall_back_to_pure_mlx_with_a_warning(monkeypatch, capl
 
     monkeypatch.delitem(sys.modules, "optiq.kernels")
     monkeypatch.setattr(builtins, "__import__", broken)
-    attention._load_kernels.cache_clear()
+    cpu._load_kernels.cache_clear()
     try:
         with caplog.at_level("WARNING"):
-            assert attention.cpu_kernels() is None
+            assert cpu.kernels() is None
         assert "built against MLX 0.0.0" in caplog.text
         from optiq.core.kv.attention import _STOCK_SDPA
 
@@ -139,4 +140,81 @@ def test_unusable_kernels_fall_back_to_pure_mlx_with_a_warning(monkeypatch, capl
         ref = _STOCK_SDPA(q, *cache._dequantized(40), cache=None, scale=0.125, mask=None)
         assert mx.allclose(out, ref, atol=1e-4).item()
     finally:
-        attention._load_kernels.cache_clear()
+        cpu._load_kernels.cache_clear()
+
+
+# ------------------------------------------------------------------ quantized matmul (decode-time linears)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_quantized_matmul_equals_dequantized_gemm(bits, group_size):
+    w_full = 0.05 * mx.random.normal((200, 384), key=mx.random.key(bits))
+    for dtype in (mx.float32, mx.float16, mx.bfloat16):
+        w, s, b = mx.quantize(w_full.astype(dtype), group_size=group_size, bits=bits)
+        dense = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
+        for rows in (1, 2, 3, 5):
+            x = mx.random.normal((rows, 384), key=mx.random.key(rows))
+            y = kernels.quantized_matmul(x, w, s, b, bits=bits, group_size=group_size)
+            assert y.dtype == mx.float32 and y.shape == (rows, 200)
+            assert mx.abs(y - x @ dense.T).max().item() < 1e-4
+
+
+def test_quantized_matmul_gradient_wrt_x():
+    w, s, b = mx.quantize(mx.random.normal((96, 128), key=mx.random.key(0)), group_size=64, bits=4)
+    x = mx.random.normal((2, 128), key=mx.random.key(1))
+    g = mx.grad(lambda x: (kernels.quantized_matmul(x, w, s, b, bits=4, group_size=64) ** 2).sum())(x)
+    ref = mx.grad(lambda x: (mx.quantized_matmul(x, w, s, b, transpose=True) ** 2).sum())(x)
+    assert mx.allclose(g, ref, rtol=1e-4, atol=1e-3).item()
+
+
+def test_quantized_matmul_refuses_what_it_cannot_read():
+    w, s, b = mx.quantize(mx.zeros((64, 128)), group_size=64, bits=4)
+    with pytest.raises(ValueError, match="x's last dimension"):
+        kernels.quantized_matmul(mx.zeros((1, 64)), w, s, b, bits=4, group_size=64)
+    with pytest.raises(ValueError, match="scales/biases do not match"):
+        kernels.quantized_matmul(mx.zeros((1, 128)), w, s, b, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        kernels.quantized_matmul(mx.zeros((1, 128)), w, s, b, bits=1, group_size=64)
+
+
+def test_cpu_quantized_layers_use_the_kernel_for_few_rows():
+    from mlx import nn
+
+    from optiq.core.cpu import CPUQuantizedEmbedding, CPUQuantizedLinear, DEQUANT_MIN_ROWS
+
+    linear = nn.Linear(256, 96, bias=True)
+    q = nn.QuantizedLinear.from_linear(linear, group_size=64, bits=5)
+    q.__class__ = CPUQuantizedLinear
+    emb = nn.QuantizedEmbedding.from_embedding(nn.Embedding(120, 256), group_size=32, bits=4)
+    emb.__class__ = CPUQuantizedEmbedding
+    for rows in (1, 3, DEQUANT_MIN_ROWS):  # the last goes through dequantize + GEMM
+        x = mx.random.normal((1, rows, 256), key=mx.random.key(rows))
+        fast, fast_emb = q(x), emb.as_linear(x)
+        with pure_mlx():
+            slow, slow_emb = q(x), emb.as_linear(x)
+        assert fast.shape == slow.shape == (1, rows, 96) and fast_emb.shape == (1, rows, 120)
+        assert mx.allclose(fast, slow, atol=1e-4).item()
+        assert mx.allclose(fast_emb, slow_emb, atol=1e-4).item()
+
+
+@pytest.mark.slow
+def test_bundled_quant_decodes_the_same_with_and_without_kernels():
+    from mlx_lm.generate import generate_step
+
+    from optiq.core.model_io import load_model
+
+    lm = load_model("bundled-quant")
+    prompt = mx.array(lm.tokenizer.encode("The cynic is"))
+
+    def greedy():
+        out = []
+        for (tok, logprobs), _ in zip(generate_step(prompt, lm.model, max_tokens=12), range(12)):
+            out.append((int(tok), logprobs))
+        return out
+
+    fast = greedy()
+    with pure_mlx():
+        slow = greedy()
+    assert [t for t, _ in fast] == [t for t, _ in slow]
+    assert max(mx.abs(a - b).max().item() for (_, a), (_, b) in zip(fast, slow)) < 1e-3

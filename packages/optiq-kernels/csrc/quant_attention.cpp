@@ -6,47 +6,18 @@
 // keeps everything for one KV head and a slice of positions in cache, and splits the
 // positions over a few threads (flash-decoding style: each slice keeps its own max,
 // sum and weighted values; the slices are merged at the end).
-//
-// Storage (MLX's affine quantization, as mx.quantize writes it): along the last axis,
-// groups of `group_size` elements share a scale s and a bias b (x = s * code + b);
-// codes are packed little-endian into uint32 words, element j at bits [j*bits, (j+1)*bits)
-// of a continuous bitstream.
 
-#include <algorithm>
 #include <bit>
-#include <atomic>
 #include <cmath>
-#include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <future>
 #include <memory>
 #include <optional>
-#include <stdexcept>
-#include <string>
-#include <thread>
-#include <vector>
-
-#include <nanobind/nanobind.h>
-#include <nanobind/stl/optional.h>
-#include <nanobind/stl/string.h>
 
 #include "mlx/backend/cpu/encoder.h"
-#include "mlx/mlx.h"
 #include "mlx/primitives.h"
-#include "mlx/threadpool.h"
-#include "mlx/version.h"
+#include "packed.h"
 
-namespace mx = mlx::core;
-namespace nb = nanobind;
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-// One portable build, with an AVX2+FMA copy of the hot loop picked at load time.
-#define OPTIQ_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define OPTIQ_MULTIVERSION
-#endif
-
+namespace optiq {
 namespace {
 
 constexpr int kChunk = 1024;  // positions per task
@@ -67,63 +38,6 @@ Operand operand(const mx::array& a) {
   const auto& st = a.strides();
   const int n = a.ndim();
   return Operand{a.data<char>(), int64_t(st[n - 4]) * size, int64_t(st[n - 3]) * size, int64_t(st[n - 2]) * size};
-}
-
-// fp16 through the compiler's native half type where it has one (a single instruction
-// with F16C/NEON); MLX's portable float16_t converts in software on x86.
-#if defined(__FLT16_MAX__)
-using half_t = _Float16;
-#else
-using half_t = mx::float16_t;
-#endif
-
-// Codes of one position into floats. For 2/4/8 bits the order is "planar" within each
-// group (all codes at bit offset 0 of their byte, then offset `bits`, ...), which keeps
-// every loop here contiguous; `plane_index` maps an element to that order. 3/5/6 bits
-// keep the natural order.
-inline bool planar(int bits) {
-  return bits == 2 || bits == 4 || bits == 8;
-}
-
-inline int plane_index(int d, int bits, int gs) {
-  if (!planar(bits)) return d;
-  const int per = 8 / bits, g = d / gs, j = d % gs;
-  return g * gs + (j % per) * (gs / per) + j / per;
-}
-
-// One group of byte-aligned codes (2/4/8 bits) into floats, in planar order.
-template <int BITS, int GS>
-inline void decode_group(const uint8_t* p, float* out) {
-  constexpr int per = 8 / BITS, w = GS / per;  // codes per byte, bytes per group
-  constexpr uint8_t mask = (1 << BITS) - 1;
-  for (int j = 0; j < per; ++j)
-    for (int i = 0; i < w; ++i) out[j * w + i] = static_cast<float>((p[i] >> (j * BITS)) & mask);
-}
-
-template <int BITS, int GS>
-inline void decode_planar(const uint8_t* p, int64_t stride, int rows, int n, float* out) {
-  constexpr int w = GS * BITS / 8;
-  for (int t = 0; t < rows; ++t)
-    for (int g = 0; g < n / GS; ++g) decode_group<BITS, GS>(p + t * stride + g * w, out + t * n + g * GS);
-}
-
-// Codes of `rows` positions (byte stride `stride`) into floats [rows, n].
-template <int GS>
-inline void decode_rows(const uint8_t* p, int64_t stride, int rows, int n, int bits, float* out) {
-  switch (bits) {
-    case 8: return decode_planar<8, GS>(p, stride, rows, n, out);
-    case 4: return decode_planar<4, GS>(p, stride, rows, n, out);
-    case 2: return decode_planar<2, GS>(p, stride, rows, n, out);
-  }
-  const uint32_t mask = (1u << bits) - 1;  // 3/5/6 bits: codes straddle bytes, natural order
-  for (int t = 0; t < rows; ++t)
-    for (int i = 0; i < n; ++i) {
-      const uint8_t* row = p + t * stride;
-      const int bit = i * bits, byte = bit >> 3, shift = bit & 7;
-      uint32_t v = row[byte];
-      if (shift + bits > 8) v |= uint32_t(row[byte + 1]) << 8;
-      out[t * n + i] = static_cast<float>((v >> shift) & mask);
-    }
 }
 
 // exp(x) for x <= 0 (softmax after subtracting the max): 2^k * p(f), relative error
@@ -259,29 +173,7 @@ void run_slice(const Problem& P, int b, int h, int64_t l0, int64_t l1, const flo
   gather_floats<S>(P.vs, b, h, l0, l1, Gv, v_s.data());
   gather_floats<S>(P.vb, b, h, l0, l1, Gv, v_z.data());
   const float *ks = k_s.data(), *kz = k_z.data(), *vs = v_s.data(), *vz = v_z.data();
-  switch (P.gs) {
-    case 32: slice_kernel<32>(P, b, h, l0, l1, qp, qsum, ks, kz, vs, vz, out); break;
-    case 64: slice_kernel<64>(P, b, h, l0, l1, qp, qsum, ks, kz, vs, vz, out); break;
-    case 128: slice_kernel<128>(P, b, h, l0, l1, qp, qsum, ks, kz, vs, vz, out); break;
-    default: throw std::invalid_argument("[optiq.kernels] group_size must be 32, 64 or 128");
-  }
-}
-
-int thread_count() {
-  static const int n = [] {
-    if (const char* env = std::getenv("OPTIQ_KERNEL_THREADS")) {
-      const int v = std::atoi(env);
-      if (v > 0) return v;
-    }
-    const unsigned hw = std::thread::hardware_concurrency();
-    return int(std::clamp(hw == 0 ? 1u : hw, 1u, 8u));
-  }();
-  return n;
-}
-
-ThreadPool& pool() {
-  static ThreadPool p(std::max(1, thread_count() - 1));
-  return p;
+  with_group_size(P.gs, [&]<int GS>() { slice_kernel<GS>(P, b, h, l0, l1, qp, qsum, ks, kz, vs, vz, out); });
 }
 
 template <typename S>
@@ -304,21 +196,13 @@ void run(const Problem& P, float* out) {
           qsum[row * Gk + g] = s;
         }
       }
-  std::atomic<int64_t> next{0};
-  auto worker = [&] {
-    for (int64_t t = next++; t < tasks; t = next++) {
-      const int64_t c = t % slices, bh = t / slices;
-      const int b = int(bh / P.H), h = int(bh % P.H);
-      const int64_t l0 = c * kChunk, l1 = std::min(P.L, l0 + kChunk);
-      const size_t row = size_t(bh) * R;
-      run_slice<S>(P, b, h, l0, l1, qperm.data() + row * D, qsum.data() + row * Gk, parts[t]);
-    }
-  };
-  const int helpers = int(std::min<int64_t>(thread_count(), tasks)) - 1;
-  std::vector<std::future<void>> done;
-  for (int i = 0; i < helpers; ++i) done.push_back(pool().enqueue(worker));
-  worker();
-  for (auto& f : done) f.get();
+  parallel_for(tasks, [&](int64_t t) {
+    const int64_t c = t % slices, bh = t / slices;
+    const int b = int(bh / P.H), h = int(bh % P.H);
+    const int64_t l0 = c * kChunk, l1 = std::min(P.L, l0 + kChunk);
+    const size_t row = size_t(bh) * R;
+    run_slice<S>(P, b, h, l0, l1, qperm.data() + row * D, qsum.data() + row * Gk, parts[t]);
+  });
 
   // Merge the slices and undo the values' planar order.
   std::vector<float> merged(Dv);
@@ -397,10 +281,6 @@ class QuantizedDecodeAttention : public mx::Primitive {
   bool has_mask_;
 };
 
-void check(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument("[optiq.kernels] " + msg);
-}
-
 void check_packed(const mx::array& w, const mx::array& s, const mx::array& z, const char* what, int bits,
                   int gs, int B, int H, int64_t L) {
   const std::string n(what);
@@ -414,14 +294,15 @@ void check_packed(const mx::array& w, const mx::array& s, const mx::array& z, co
   check(s.shape(0) == B && s.shape(1) == H && s.shape(2) == L && z.shape(2) == L, n + " scales/biases do not match the codes");
 }
 
+}  // namespace
+
 mx::array quantized_decode_attention(const mx::array& q, const mx::array& k_codes, const mx::array& k_scales,
                                      const mx::array& k_biases, const mx::array& v_codes, const mx::array& v_scales,
                                      const mx::array& v_biases, std::optional<mx::array> mask, int k_bits,
                                      int v_bits, int group_size) {
-  for (int bits : {k_bits, v_bits})
-    check(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8,
-          "bits must be one of 2, 3, 4, 5, 6, 8 (got " + std::to_string(bits) + ")");
-  check(group_size == 32 || group_size == 64 || group_size == 128, "group_size must be 32, 64 or 128");
+  check_bits(k_bits);
+  check_bits(v_bits);
+  check_group_size(group_size);
   check(q.ndim() == 4, "queries must be [B, H_kv, rows, head_dim]");
   const int B = q.shape(0), H = q.shape(1), R = q.shape(2), D = q.shape(3);
   const int64_t L = k_codes.shape(2);
@@ -446,15 +327,4 @@ mx::array quantized_decode_attention(const mx::array& q, const mx::array& k_code
                    std::move(inputs));
 }
 
-}  // namespace
-
-NB_MODULE(_ext, m) {
-  m.doc() = "OptiQ CPU kernels for MLX";
-  m.attr("MLX_VERSION") = std::to_string(MLX_VERSION_MAJOR) + "." + std::to_string(MLX_VERSION_MINOR) + "." +
-                          std::to_string(MLX_VERSION_PATCH);
-  m.def("threads", &thread_count, "Threads the kernels split work over (OPTIQ_KERNEL_THREADS, default: cores, at most 8).");
-  m.def("quantized_decode_attention", &quantized_decode_attention, nb::arg("q"), nb::arg("k_codes"),
-        nb::arg("k_scales"), nb::arg("k_biases"), nb::arg("v_codes"), nb::arg("v_scales"), nb::arg("v_biases"),
-        nb::arg("mask").none() = nb::none(), nb::arg("k_bits"), nb::arg("v_bits"), nb::arg("group_size"),
-        "softmax(q @ K^T + mask) @ V over packed K/V codes; q [B, H_kv, rows, D] already scaled. Returns fp32.");
-}
+}  // namespace optiq

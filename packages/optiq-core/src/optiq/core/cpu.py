@@ -3,13 +3,20 @@
 On the CPU, MLX computes half precision slowly and its quantized matmul is slow for
 more than a few rows (prefill, calibration, training), while ``dequantize`` + an fp32
 BLAS GEMM is ~20x faster there. Single-row decode keeps the packed weights, which is
-what quantization is for. The swapped layers subclass MLX's quantized layers, so
-``isinstance`` checks, saving and LoRA wrapping keep working.
+what quantization is for: with ``optiq-kernels`` installed (:func:`kernels`), through
+its fused CPU kernel (~10x MLX's quantized matmul for one row), else MLX's. The swapped
+layers subclass MLX's quantized layers, so ``isinstance`` checks, saving and LoRA
+wrapping keep working.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,8 +28,72 @@ from mlx.utils import tree_flatten, tree_map
 DEQUANT_MIN_ROWS = 6
 
 
+log = logging.getLogger(__name__)
+
+# Widths and group sizes optiq-kernels reads (MLX's affine mode).
+KERNEL_BITS = (2, 3, 4, 5, 6, 8)
+KERNEL_GROUP_SIZES = (32, 64, 128)
+
+
 def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
+
+
+_PURE_MLX = [0]  # > 0 inside pure_mlx()
+
+
+@contextmanager
+def pure_mlx():
+    """Run without ``optiq.kernels`` inside this block (benchmarks and tests compare both)."""
+    _PURE_MLX[0] += 1
+    try:
+        yield
+    finally:
+        _PURE_MLX[0] -= 1
+
+
+def kernels() -> Any:
+    """``optiq.kernels`` when it is installed and loads, else None (pure-MLX fallback).
+
+    ``OPTIQ_KERNELS=0`` in the environment turns the kernels off for the whole process.
+    """
+    return None if _PURE_MLX[0] else _load_kernels()
+
+
+@lru_cache(maxsize=None)
+def _load_kernels() -> Any:
+    if os.environ.get("OPTIQ_KERNELS", "1") == "0":
+        return None
+    try:
+        import optiq.kernels as k
+    except ModuleNotFoundError as e:  # not installed: the pure-MLX path is the expected one
+        log.debug("optiq.kernels is not installed, using pure MLX: %s", e)
+        return None
+    except ImportError as e:  # installed but unusable (e.g. built for another MLX): say so
+        log.warning("optiq.kernels did not load, falling back to pure MLX (slower on the CPU): %s", e)
+        return None
+    return k
+
+
+def _kernel_matmul(layer: nn.Module, x: mx.array) -> mx.array | None:
+    """``x @ dequantize(W).T`` of a quantized layer through optiq-kernels, or None when
+    the kernels are unavailable or cannot read this layer's format."""
+    k = kernels()
+    if (
+        k is None
+        or not on_cpu()
+        or getattr(layer, "mode", "affine") != "affine"
+        or layer.bits not in KERNEL_BITS
+        or layer.group_size not in KERNEL_GROUP_SIZES
+        or "biases" not in layer
+        or not mx.issubdtype(x.dtype, mx.floating)
+    ):
+        return None
+    w = layer["weight"]
+    y = k.quantized_matmul(
+        x.reshape(-1, x.shape[-1]), w, layer["scales"], layer["biases"], bits=layer.bits, group_size=layer.group_size
+    )
+    return y.reshape(*x.shape[:-1], w.shape[0]).astype(x.dtype)
 
 
 def exp(x: mx.array) -> mx.array:
@@ -54,11 +125,14 @@ def _rows(x: mx.array) -> int:
 
 
 class CPUQuantizedLinear(nn.QuantizedLinear):
-    """QuantizedLinear that dequantizes for multi-row inputs."""
+    """QuantizedLinear that dequantizes for multi-row inputs (optiq-kernels for a few rows)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if _rows(x) < DEQUANT_MIN_ROWS:
-            return super().__call__(x)
+            y = _kernel_matmul(self, x)
+            if y is None:
+                return super().__call__(x)
+            return y + self["bias"] if "bias" in self else y
         w = mx.dequantize(
             self["weight"],
             self["scales"],
@@ -78,7 +152,8 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
 
     def as_linear(self, x: mx.array) -> mx.array:
         if _rows(x) < DEQUANT_MIN_ROWS:
-            return super().as_linear(x)
+            y = _kernel_matmul(self, x)
+            return super().as_linear(x) if y is None else y
         w = mx.dequantize(
             self["weight"],
             self["scales"],

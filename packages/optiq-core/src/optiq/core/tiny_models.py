@@ -177,3 +177,22 @@ def make_tiny_moe(
     save_model_dir(model, config, out_dir, dtype=dtype)
     copy_tokenizer_files(src, out_dir)
     return out_dir
+
+
+def make_random_llama(out_dir: Path, hidden: int, num_layers: int = 4, seed: int = 0) -> Path:
+    """Write a random-weight Llama (``hidden`` wide, bf16, the bundled tokenizer) to ``out_dir``.
+
+    For benchmarks whose cost is dominated by the weight matrices (the bundled model is
+    only 128 wide): head_dim 64, GQA 4:1, MLP 3x hidden, vocabulary 2048.
+    """
+    out_dir = Path(out_dir)
+    config = {
+        "model_type": "llama", "hidden_size": hidden, "intermediate_size": 3 * hidden,
+        "num_hidden_layers": num_layers, "num_attention_heads": max(1, hidden // 64),
+        "num_key_value_heads": max(1, hidden // 256), "vocab_size": 2048, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+    }
+    save_model_dir(build_model(config, seed=seed), config, out_dir, dtype=mx.bfloat16)
+    copy_tokenizer_files(bundled_model_path(), out_dir)
+    return out_dir

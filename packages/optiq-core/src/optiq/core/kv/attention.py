@@ -9,7 +9,7 @@ models in the process.
 
 For a few query rows (decode) it reads the packed codes directly, never materialising
 a full-precision copy of the cache. On the CPU that is one fused, multi-threaded kernel
-from ``optiq-kernels`` (:func:`cpu_kernels`) when it is installed; otherwise, and on a
+from ``optiq-kernels`` (:func:`optiq.core.cpu.kernels`) when it is installed; otherwise, and on a
 GPU, ``mx.quantized_matmul`` (K at ``k_bits``, V at ``v_bits``; on the CPU, keys at
 2/4/8 bits go through :func:`unpacked_scores`, which is faster there), ``mx.compile``-d
 shapelessly so MLX fuses the code unpacking and one trace serves every context length.
@@ -20,10 +20,7 @@ rows on the CPU).
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
-from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -31,14 +28,13 @@ import mlx.core as mx
 from mlx import nn
 from mlx_lm.models import base as mlx_base
 
-from ..cpu import exp
+from ..cpu import exp, kernels
 from . import cache as _cache
 from . import quant
 from .cache import PACKED_MAX_ROWS as QMM_MAX_QUERY_ROWS
 from .cache import _MixedBase
 
 _STOCK_SDPA = mlx_base.scaled_dot_product_attention
-log = logging.getLogger(__name__)
 
 
 def _ON_CPU() -> bool:
@@ -140,42 +136,6 @@ def _key_scores(q: mx.array, kw: mx.array, ks: mx.array, kb: mx.array, bits: int
     return _compiled_plane_scores(bits)(q_planes, q.sum(-1, keepdims=True), kw.view(mx.uint8), ks, kb)
 
 
-_PURE_MLX = [0]  # > 0 inside pure_mlx_attention()
-
-
-@contextmanager
-def pure_mlx_attention():
-    """Decode without ``optiq.kernels`` inside this block (benchmarks and tests compare both)."""
-    _PURE_MLX[0] += 1
-    try:
-        yield
-    finally:
-        _PURE_MLX[0] -= 1
-
-
-def cpu_kernels() -> Any:
-    """``optiq.kernels`` when it is installed and loads, else None (pure-MLX fallback).
-
-    ``OPTIQ_KERNELS=0`` in the environment turns the kernels off for the whole process.
-    """
-    return None if _PURE_MLX[0] else _load_kernels()
-
-
-@lru_cache(maxsize=None)
-def _load_kernels() -> Any:
-    if os.environ.get("OPTIQ_KERNELS", "1") == "0":
-        return None
-    try:
-        import optiq.kernels as kernels
-    except ModuleNotFoundError as e:  # not installed: the pure-MLX path is the expected one
-        log.debug("optiq.kernels is not installed, using the pure-MLX decode attention: %s", e)
-        return None
-    except ImportError as e:  # installed but unusable (e.g. built for another MLX): say so
-        log.warning("optiq.kernels did not load, KV decode falls back to pure MLX (slower on the CPU): %s", e)
-        return None
-    return kernels
-
-
 def _fold_mask(mask: Any, B: int, n_kv_heads: int, rep: int, N: int, L: int) -> mx.array:
     """An attention mask over [B, Hq, N, L] as [B or 1, H_kv, rep * N, L] (bool or additive)."""
     if isinstance(mask, str):
@@ -206,11 +166,11 @@ def quantized_attention(
     q = quant.rotate(q, cache.rotation, cache.group_size)  # stored keys are rotated: q.k = qR.kR
     if mask is not None:
         mask = _fold_mask(mask, B, n_kv_heads, rep, N, L)
-    kernels = cpu_kernels() if _ON_CPU() else None
-    if kernels is not None:
+    k = kernels() if _ON_CPU() else None
+    if k is not None:
         if mask is not None and mask.dtype == mx.bool_:
             mask = mx.where(mask, 0.0, -mx.inf)
-        out = kernels.quantized_decode_attention(
+        out = k.quantized_decode_attention(
             q, (kw, ks, kb), (vw, vs, vb), k_bits=cache.k_bits, v_bits=cache.v_bits,
             group_size=cache.group_size, mask=mask,
         ).astype(dt)
