@@ -41,59 +41,9 @@ using half_t = _Float16;
 using half_t = mx::float16_t;
 #endif
 
-// Codes of one position into floats. For 2/4/8 bits the order is "planar" within each
-// group (all codes at bit offset 0 of their byte, then offset `bits`, ...), which keeps
-// every loop here contiguous; `plane_index` maps an element to that order. 3/5/6 bits
-// keep the natural order.
-inline bool planar(int bits) {
-  return bits == 2 || bits == 4 || bits == 8;
-}
-
-inline int plane_index(int d, int bits, int gs) {
-  if (!planar(bits)) return d;
-  const int per = 8 / bits, g = d / gs, j = d % gs;
-  return g * gs + (j % per) * (gs / per) + j / per;
-}
-
-// One group of byte-aligned codes (2/4/8 bits) into floats, in planar order.
-template <int BITS, int GS>
-inline void decode_group(const uint8_t* p, float* out) {
-  constexpr int per = 8 / BITS, w = GS / per;  // codes per byte, bytes per group
-  constexpr uint8_t mask = (1 << BITS) - 1;
-  for (int j = 0; j < per; ++j)
-    for (int i = 0; i < w; ++i) out[j * w + i] = static_cast<float>((p[i] >> (j * BITS)) & mask);
-}
-
-template <int BITS, int GS>
-inline void decode_planar(const uint8_t* p, int64_t stride, int rows, int n, float* out) {
-  constexpr int w = GS * BITS / 8;
-  for (int t = 0; t < rows; ++t)
-    for (int g = 0; g < n / GS; ++g) decode_group<BITS, GS>(p + t * stride + g * w, out + t * n + g * GS);
-}
-
-// Codes of `rows` positions (byte stride `stride`) into floats [rows, n].
-template <int GS>
-inline void decode_rows(const uint8_t* p, int64_t stride, int rows, int n, int bits, float* out) {
-  switch (bits) {
-    case 8: return decode_planar<8, GS>(p, stride, rows, n, out);
-    case 4: return decode_planar<4, GS>(p, stride, rows, n, out);
-    case 2: return decode_planar<2, GS>(p, stride, rows, n, out);
-  }
-  const uint32_t mask = (1u << bits) - 1;  // 3/5/6 bits: codes straddle bytes, natural order
-  for (int t = 0; t < rows; ++t)
-    for (int i = 0; i < n; ++i) {
-      const uint8_t* row = p + t * stride;
-      const int bit = i * bits, byte = bit >> 3, shift = bit & 7;
-      uint32_t v = row[byte];
-      if (shift + bits > 8) v |= uint32_t(row[byte + 1]) << 8;
-      out[t * n + i] = static_cast<float>((v >> shift) & mask);
-    }
-}
-
 // Portable 8-wide vectors (GCC/Clang vector extensions): AVX2 in the x86-64-v3 clone,
 // two SSE/NEON registers elsewhere.
 using v8f = float __attribute__((vector_size(32)));
-using u8x8 = uint8_t __attribute__((vector_size(8)));
 using i32x8 = int32_t __attribute__((vector_size(32)));
 
 __attribute__((always_inline)) inline v8f load_f32x8(const float* p) {
@@ -102,10 +52,8 @@ __attribute__((always_inline)) inline v8f load_f32x8(const float* p) {
   return v;
 }
 
-__attribute__((always_inline)) inline u8x8 load_u8x8(const uint8_t* p) {
-  u8x8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+__attribute__((always_inline)) inline void store_f32x8(float* p, v8f v) {
+  std::memcpy(p, &v, sizeof(v));
 }
 
 __attribute__((always_inline)) inline float hsum(v8f v) {

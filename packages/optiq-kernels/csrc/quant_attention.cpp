@@ -68,7 +68,7 @@ struct Problem {
 
 // Partial result of one (batch, head, slice of positions).
 struct Partial {
-  std::vector<float> max, sum, acc;  // [R], [R], [R * Dv] (values in planar order)
+  std::vector<float> max, sum, acc;  // [R], [R], [R * Dv]
 };
 
 // Scales or biases of positions [l0, l1) as floats: [n, groups].
@@ -80,46 +80,88 @@ OPTIQ_MULTIVERSION void gather_floats(const Operand& a, int b, int h, int64_t l0
   }
 }
 
-constexpr int kBlock = 64;  // positions decoded at a time (stays in L1)
+// A position's packed codes; 3/5/6-bit rows are copied into `pad` first (codes8 reads a
+// few bytes past a chunk of eight codes).
+template <int BITS>
+inline const uint8_t* packed_row(const Operand& a, int b, int h, int64_t l, int n, uint8_t* pad) {
+  const uint8_t* row = a.at<uint8_t>(b, h, l);
+  if constexpr (word_aligned(BITS)) return row;
+  std::memcpy(pad, row, size_t(n) * BITS / 8);
+  return pad;
+}
 
-template <int GS>
-OPTIQ_MULTIVERSION void slice_kernel(const Problem& P, int b, int h, int64_t l0, int64_t l1, const float* qp,
-                                     const float* qsum, const float* k_s, const float* k_z, const float* v_s,
-                                     const float* v_z, Partial& out) {
-  const int R = P.R, D = P.D, Dv = P.Dv, Gk = D / GS, Gv = Dv / GS;
+// scores[r, l - l0] = sum over groups of s * (q_r . codes) + b * sum(q_r), rows r0 .. r0+MR.
+template <int GS, int BITS, int MR>
+OPTIQ_MULTIVERSION void slice_scores(const Problem& P, int b, int h, int64_t l0, int64_t l1, int r0, const float* q,
+                                     const float* qsum, const float* k_s, const float* k_z, float* scores) {
+  const int D = P.D, G = D / GS;
   const int64_t n = l1 - l0;
-  std::vector<float> codes(size_t(kBlock) * std::max(D, Dv)), scores(size_t(R) * n);
-  out.max.assign(R, -INFINITY);
-  out.sum.assign(R, 0.0f);
-  out.acc.assign(size_t(R) * Dv, 0.0f);
+  std::vector<uint8_t> pad(size_t(D) * BITS / 8 + 8);
+  for (int64_t l = l0; l < l1; ++l) {
+    const uint8_t* row = packed_row<BITS>(P.kw, b, h, l, D, pad.data());
+    const float* s = k_s + (l - l0) * G;
+    const float* z = k_z + (l - l0) * G;
+    float total[MR] = {};
+    for (int g = 0; g < G; ++g) {
+      v8f acc[MR] = {};
+      for (int e = 0; e < GS; e += 8) {
+        const v8f c = codes8<BITS>(row, g * GS + e);
+        for (int r = 0; r < MR; ++r) acc[r] += load_f32x8(q + size_t(r0 + r) * D + g * GS + e) * c;
+      }
+      for (int r = 0; r < MR; ++r) total[r] += s[g] * hsum(acc[r]) + z[g] * qsum[size_t(r0 + r) * G + g];
+    }
+    for (int r = 0; r < MR; ++r) scores[(r0 + r) * n + (l - l0)] = total[r];
+  }
+}
 
-  // Scores: per group, s * (q . codes) + b * sum(q).
-  for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
-    const int rows = int(std::min<int64_t>(kBlock, n - t0));
-    decode_rows<GS>(P.kw.at<uint8_t>(b, h, l0 + t0), P.kw.sl, rows, D, P.k_bits, codes.data());
-    for (int r = 0; r < R; ++r) {
-      const float* qr = qp + r * D;
-      float* sr = scores.data() + r * n + t0;
-      for (int t = 0; t < rows; ++t) {
-        const float* c = codes.data() + t * D;
-        const float* s = k_s + (t0 + t) * Gk;
-        const float* z = k_z + (t0 + t) * Gk;
-        float total = 0.0f;
-        for (int g = 0; g < Gk; ++g) {
-          float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-          for (int d = 0; d < GS; d += 8)
-            for (int j = 0; j < 8; ++j) a[j] += qr[g * GS + d + j] * c[g * GS + d + j];
-          const float dot = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-          total += s[g] * dot + z[g] * qsum[r * Gk + g];
+// acc[r] += sum_l p[r, l] * (s_l * codes_l + b_l) for rows r0 .. r0+MR, the bias per group.
+template <int GS, int BITS, int MR>
+OPTIQ_MULTIVERSION void slice_values(const Problem& P, int b, int h, int64_t l0, int64_t l1, int r0, const float* p,
+                                     const float* v_s, const float* v_z, float* acc) {
+  const int Dv = P.Dv, G = Dv / GS;
+  const int64_t n = l1 - l0;
+  std::vector<uint8_t> pad(size_t(Dv) * BITS / 8 + 8);
+  std::vector<float> bias(MR * G, 0.0f);
+  for (int64_t l = l0; l < l1; ++l) {
+    const uint8_t* row = packed_row<BITS>(P.vw, b, h, l, Dv, pad.data());
+    const float* s = v_s + (l - l0) * G;
+    const float* z = v_z + (l - l0) * G;
+    float pl[MR];
+    for (int r = 0; r < MR; ++r) pl[r] = p[(r0 + r) * n + (l - l0)];
+    for (int g = 0; g < G; ++g) {
+      float w[MR];
+      for (int r = 0; r < MR; ++r) {
+        w[r] = pl[r] * s[g];
+        bias[size_t(r) * G + g] += pl[r] * z[g];
+      }
+      for (int e = 0; e < GS; e += 8) {
+        const v8f c = codes8<BITS>(row, g * GS + e);
+        for (int r = 0; r < MR; ++r) {
+          float* a = acc + size_t(r0 + r) * Dv + g * GS + e;
+          store_f32x8(a, load_f32x8(a) + w[r] * c);
         }
-        sr[t] = total;
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    float* sr = scores.data() + r * n;
+  for (int r = 0; r < MR; ++r)
+    for (int d = 0; d < Dv; ++d) acc[size_t(r0 + r) * Dv + d] += bias[size_t(r) * G + d / GS];
+}
+
+// Calls f(r0, MR) over rows [0, R) in blocks of 4, 2 and 1 (MR a compile-time constant).
+template <typename F>
+void for_row_blocks(int R, F&& f) {
+  int r = 0;
+  for (; r + 4 <= R; r += 4) f.template operator()<4>(r);
+  for (; r + 2 <= R; r += 2) f.template operator()<2>(r);
+  for (; r < R; ++r) f.template operator()<1>(r);
+}
+
+// softmax numerators in place over one slice: scores -> exp(scores + mask - max).
+OPTIQ_MULTIVERSION void slice_softmax(const Problem& P, int b, int h, int64_t l0, int64_t n, float* scores, Partial& out) {
+  for (int r = 0; r < P.R; ++r) {
+    float* sr = scores + r * n;
     if (P.has_mask) {  // contiguous [B, H, R, L]
-      const float* m = P.mask_data + ((int64_t(b) * P.H + h) * R + r) * P.L + l0;
+      const float* m = P.mask_data + ((int64_t(b) * P.H + h) * P.R + r) * P.L + l0;
       for (int64_t i = 0; i < n; ++i) sr[i] += m[i];
     }
     float top = -INFINITY;
@@ -138,42 +180,48 @@ OPTIQ_MULTIVERSION void slice_kernel(const Problem& P, int b, int h, int64_t l0,
     out.max[r] = top;
     out.sum[r] = sum;
   }
-  // Values: sum_l p_l * (s_l * codes_l + b_l); one group's accumulator stays in registers.
-  for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
-    const int rows = int(std::min<int64_t>(kBlock, n - t0));
-    decode_rows<GS>(P.vw.at<uint8_t>(b, h, l0 + t0), P.vw.sl, rows, Dv, P.v_bits, codes.data());
-    for (int r = 0; r < R; ++r) {
-      const float* pr = scores.data() + r * n + t0;
-      float* acc = out.acc.data() + size_t(r) * Dv;
-      for (int g = 0; g < Gv; ++g) {
-        float a[GS];
-        for (int d = 0; d < GS; ++d) a[d] = 0.0f;
-        float bias = 0.0f;
-        for (int t = 0; t < rows; ++t) {
-          const float p = pr[t];
-          const float w = p * v_s[(t0 + t) * Gv + g];
-          bias += p * v_z[(t0 + t) * Gv + g];
-          const float* c = codes.data() + t * Dv + g * GS;
-          for (int d = 0; d < GS; ++d) a[d] += w * c[d];
-        }
-        for (int d = 0; d < GS; ++d) acc[g * GS + d] += a[d] + bias;
-      }
-    }
+}
+
+// Calls f.template operator()<BITS>() with the width as a compile-time constant.
+template <typename F>
+void with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 2: return f.template operator()<2>();
+    case 3: return f.template operator()<3>();
+    case 4: return f.template operator()<4>();
+    case 5: return f.template operator()<5>();
+    case 6: return f.template operator()<6>();
+    case 8: return f.template operator()<8>();
   }
+  throw std::invalid_argument("[optiq.kernels] bits must be one of 2, 3, 4, 5, 6, 8");
 }
 
 template <typename S>
-void run_slice(const Problem& P, int b, int h, int64_t l0, int64_t l1, const float* qp, const float* qsum,
+void run_slice(const Problem& P, int b, int h, int64_t l0, int64_t l1, const float* q, const float* qsum,
                Partial& out) {
   const int64_t n = l1 - l0;
   const int Gk = P.D / P.gs, Gv = P.Dv / P.gs;
-  std::vector<float> k_s(n * Gk), k_z(n * Gk), v_s(n * Gv), v_z(n * Gv);
+  std::vector<float> k_s(n * Gk), k_z(n * Gk), v_s(n * Gv), v_z(n * Gv), scores(size_t(P.R) * n);
   gather_floats<S>(P.ks, b, h, l0, l1, Gk, k_s.data());
   gather_floats<S>(P.kb, b, h, l0, l1, Gk, k_z.data());
   gather_floats<S>(P.vs, b, h, l0, l1, Gv, v_s.data());
   gather_floats<S>(P.vb, b, h, l0, l1, Gv, v_z.data());
-  const float *ks = k_s.data(), *kz = k_z.data(), *vs = v_s.data(), *vz = v_z.data();
-  with_group_size(P.gs, [&]<int GS>() { slice_kernel<GS>(P, b, h, l0, l1, qp, qsum, ks, kz, vs, vz, out); });
+  out.max.assign(P.R, -INFINITY);
+  out.sum.assign(P.R, 0.0f);
+  out.acc.assign(size_t(P.R) * P.Dv, 0.0f);
+  with_group_size(P.gs, [&]<int GS>() {
+    with_bits(P.k_bits, [&]<int KB>() {
+      for_row_blocks(P.R, [&]<int MR>(int r0) {
+        slice_scores<GS, KB, MR>(P, b, h, l0, l1, r0, q, qsum, k_s.data(), k_z.data(), scores.data());
+      });
+    });
+    slice_softmax(P, b, h, l0, n, scores.data(), out);
+    with_bits(P.v_bits, [&]<int VB>() {
+      for_row_blocks(P.R, [&]<int MR>(int r0) {
+        slice_values<GS, VB, MR>(P, b, h, l0, l1, r0, scores.data(), v_s.data(), v_z.data(), out.acc.data());
+      });
+    });
+  });
 }
 
 template <typename S>
@@ -182,14 +230,14 @@ void run(const Problem& P, float* out) {
   const int64_t slices = std::max<int64_t>(1, (P.L + kChunk - 1) / kChunk);
   const int64_t tasks = int64_t(P.B) * P.H * slices;
   std::vector<Partial> parts(tasks);
-  // Queries permuted to the keys' planar order, and their per-group sums.
-  std::vector<float> qperm(size_t(P.B) * P.H * R * D), qsum(size_t(P.B) * P.H * R * Gk);
+  // Queries (contiguous) and their per-group sums.
+  std::vector<float> qrows(size_t(P.B) * P.H * R * D), qsum(size_t(P.B) * P.H * R * Gk);
   for (int b = 0; b < P.B; ++b)
     for (int h = 0; h < P.H; ++h)
       for (int r = 0; r < R; ++r) {
         const float* src = reinterpret_cast<const float*>(P.q.ptr + b * P.q.sb + h * P.q.sh + r * P.q_row);
         const size_t row = (size_t(b) * P.H + h) * R + r;
-        for (int d = 0; d < D; ++d) qperm[row * D + plane_index(d, P.k_bits, gs)] = src[d];
+        for (int d = 0; d < D; ++d) qrows[row * D + d] = src[d];
         for (int g = 0; g < Gk; ++g) {
           float s = 0.0f;
           for (int d = 0; d < gs; ++d) s += src[g * gs + d];
@@ -201,10 +249,10 @@ void run(const Problem& P, float* out) {
     const int b = int(bh / P.H), h = int(bh % P.H);
     const int64_t l0 = c * kChunk, l1 = std::min(P.L, l0 + kChunk);
     const size_t row = size_t(bh) * R;
-    run_slice<S>(P, b, h, l0, l1, qperm.data() + row * D, qsum.data() + row * Gk, parts[t]);
+    run_slice<S>(P, b, h, l0, l1, qrows.data() + row * D, qsum.data() + row * Gk, parts[t]);
   });
 
-  // Merge the slices and undo the values' planar order.
+  // Merge the slices.
   std::vector<float> merged(Dv);
   for (int64_t bh = 0; bh < int64_t(P.B) * P.H; ++bh)
     for (int r = 0; r < R; ++r) {
@@ -225,7 +273,7 @@ void run(const Problem& P, float* out) {
         for (int d = 0; d < Dv; ++d) merged[d] += w * acc[d];
       }
       const float inv = 1.0f / sum;
-      for (int d = 0; d < Dv; ++d) dst[d] = merged[plane_index(d, P.v_bits, gs)] * inv;
+      for (int d = 0; d < Dv; ++d) dst[d] = merged[d] * inv;
     }
 }
 
