@@ -218,3 +218,44 @@ def test_bundled_quant_decodes_the_same_with_and_without_kernels():
         slow = greedy()
     assert [t for t, _ in fast] == [t for t, _ in slow]
     assert max(mx.abs(a - b).max().item() for (_, a), (_, b) in zip(fast, slow)) < 1e-3
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_gather_quantized_matmul_equals_gather_qmm(bits):
+    w, s, b = mx.quantize(0.05 * mx.random.normal((6, 96, 256), key=mx.random.key(0)), group_size=64, bits=bits)
+    x = mx.random.normal((5, 2, 256), key=mx.random.key(1))
+    idx = mx.array([0, 5, 2, 2, 3], dtype=mx.uint32)
+    y = kernels.gather_quantized_matmul(x, w, s, b, idx, bits=bits, group_size=64)
+    ref = mx.gather_qmm(x, w, s, b, rhs_indices=idx, transpose=True, group_size=64, bits=bits)
+    assert y.shape == ref.shape == (5, 2, 96)
+    assert mx.abs(y - ref).max().item() < 1e-4
+    g = mx.grad(lambda x: (kernels.gather_quantized_matmul(x, w, s, b, idx, bits=bits, group_size=64) ** 2).sum())(x)
+    g_ref = mx.grad(lambda x: (mx.gather_qmm(x, w, s, b, rhs_indices=idx, transpose=True, bits=bits) ** 2).sum())(x)
+    assert mx.allclose(g, g_ref, rtol=1e-4, atol=1e-3).item()
+    bad = kernels.gather_quantized_matmul(x, w, s, b, mx.array([0, 9, 1, 1, 1], dtype=mx.uint32), bits=bits, group_size=64)
+    assert mx.isnan(bad[1]).all().item() and not mx.isnan(bad[0]).any().item()
+
+
+def test_moe_expert_pools_gather_packed_experts_when_decoding(tmp_path, monkeypatch):
+    """The tiny MoE's SwitchGLU: decode (few rows per expert) through the kernel, prefill
+    through the dequantized pool; both equal MLX's gather_qmm path."""
+    from mlx_lm.utils import quantize_model
+
+    from optiq.core.cpu import prepare_for_cpu
+    from optiq.core.model_io import load_model
+    from optiq.core.tiny_models import make_tiny_moe
+
+    lm = load_model(make_tiny_moe(tmp_path / "moe", dtype=mx.float32))
+    quantize_model(lm.model, {}, group_size=64, bits=4)
+    prepare_for_cpu(lm.model, force=True)
+    calls = []
+    real = kernels.gather_quantized_matmul
+    monkeypatch.setattr(kernels, "gather_quantized_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for n, via_kernel in ((1, True), (40, False)):  # decode-sized and prefill-sized inputs
+        calls.clear()
+        ids = mx.array(list(range(3, 3 + n)))[None]
+        fast = lm.model(ids)
+        assert bool(calls) == via_kernel
+        with pure_mlx():
+            slow = lm.model(ids)
+        assert mx.abs(fast - slow).max().item() < 1e-3

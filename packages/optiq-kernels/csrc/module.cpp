@@ -22,4 +22,8 @@ NB_MODULE(_ext, m) {
   m.def("quantized_matmul", &optiq::quantized_matmul, nb::arg("x"), nb::arg("w"), nb::arg("scales"),
         nb::arg("biases"), nb::arg("bits"), nb::arg("group_size"),
         "x [rows, K] @ dequantize(w).T for an affine-quantized w [N, K*bits/32]. Returns fp32 [rows, N].");
+  m.def("gather_quantized_matmul", &optiq::gather_quantized_matmul, nb::arg("x"), nb::arg("w"), nb::arg("scales"),
+        nb::arg("biases"), nb::arg("indices"), nb::arg("bits"), nb::arg("group_size"),
+        "x[t] [rows, K] @ dequantize(w[indices[t]]).T for a pool of experts w [E, N, K*bits/32]. "
+        "Returns fp32 [T, rows, N].");
 }

@@ -166,4 +166,7 @@ mx::array quantized_decode_attention(const mx::array& q, const mx::array& k_code
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int bits, int group_size);
 
+mx::array gather_quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                                  const mx::array& biases, const mx::array& indices, int bits, int group_size);
+
 }  // namespace optiq

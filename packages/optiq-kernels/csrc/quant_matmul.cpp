@@ -83,30 +83,74 @@ void matmul_tile(const MatmulProblem& P, const float* xsum, int n0, int n1, cons
   for (; m < P.M; ++m) matmul_rows<GS, BITS, 1>(P, P.x + size_t(m) * P.K, xsum + size_t(m) * G, m, n0, n1, s, z);
 }
 
+template <int GS, typename S>
+void matmul_task(const MatmulProblem& P, const float* xsum, int n0, int n1) {
+  const int G = P.K / GS;
+  std::vector<float> s((n1 - n0) * G), z((n1 - n0) * G);
+  rows_as_float<S>(P.scales, P.s_row, n0, n1, G, s.data());
+  rows_as_float<S>(P.biases, P.s_row, n0, n1, G, z.data());
+  switch (P.bits) {
+    case 2: matmul_tile<GS, 2>(P, xsum, n0, n1, s.data(), z.data()); break;
+    case 3: matmul_tile<GS, 3>(P, xsum, n0, n1, s.data(), z.data()); break;
+    case 4: matmul_tile<GS, 4>(P, xsum, n0, n1, s.data(), z.data()); break;
+    case 5: matmul_tile<GS, 5>(P, xsum, n0, n1, s.data(), z.data()); break;
+    case 6: matmul_tile<GS, 6>(P, xsum, n0, n1, s.data(), z.data()); break;
+    default: matmul_tile<GS, 8>(P, xsum, n0, n1, s.data(), z.data());
+  }
+}
+
+// Several products (one per gathered expert, or just one), their row tiles spread over
+// the threads together.
 template <typename S>
-void run_matmul(const MatmulProblem& P) {
-  const int G = P.K / P.gs;
-  std::vector<float> xsum(size_t(P.M) * G, 0.0f);  // per-group sums of x (the biases' term)
-  for (int m = 0; m < P.M; ++m)
-    for (int k = 0; k < P.K; ++k) xsum[size_t(m) * G + k / P.gs] += P.x[size_t(m) * P.K + k];
-  const int64_t tasks = (P.N + kRowsPerTask - 1) / kRowsPerTask;
-  with_group_size(P.gs, [&]<int GS>() {
-    parallel_for(tasks, [&](int64_t t) {
-      const int n0 = int(t * kRowsPerTask), n1 = std::min(P.N, n0 + kRowsPerTask);
-      std::vector<float> s((n1 - n0) * G), z((n1 - n0) * G);
-      rows_as_float<S>(P.scales, P.s_row, n0, n1, G, s.data());
-      rows_as_float<S>(P.biases, P.s_row, n0, n1, G, z.data());
-      const float* xs = xsum.data();
-      switch (P.bits) {
-        case 2: matmul_tile<GS, 2>(P, xs, n0, n1, s.data(), z.data()); break;
-        case 3: matmul_tile<GS, 3>(P, xs, n0, n1, s.data(), z.data()); break;
-        case 4: matmul_tile<GS, 4>(P, xs, n0, n1, s.data(), z.data()); break;
-        case 5: matmul_tile<GS, 5>(P, xs, n0, n1, s.data(), z.data()); break;
-        case 6: matmul_tile<GS, 6>(P, xs, n0, n1, s.data(), z.data()); break;
-        default: matmul_tile<GS, 8>(P, xs, n0, n1, s.data(), z.data());
-      }
+void run_matmuls(const std::vector<MatmulProblem>& problems) {
+  if (problems.empty()) return;
+  const int gs = problems[0].gs, K = problems[0].K, N = problems[0].N, G = K / gs;
+  const int64_t tiles = (N + kRowsPerTask - 1) / kRowsPerTask;
+  std::vector<std::vector<float>> xsums(problems.size());  // per-group sums of x (the biases' term)
+  for (size_t i = 0; i < problems.size(); ++i) {
+    const MatmulProblem& P = problems[i];
+    xsums[i].assign(size_t(P.M) * G, 0.0f);
+    for (int m = 0; m < P.M; ++m)
+      for (int k = 0; k < K; ++k) xsums[i][size_t(m) * G + k / gs] += P.x[size_t(m) * K + k];
+  }
+  with_group_size(gs, [&]<int GS>() {
+    parallel_for(int64_t(problems.size()) * tiles, [&](int64_t t) {
+      const size_t i = size_t(t / tiles);
+      const int n0 = int((t % tiles) * kRowsPerTask), n1 = std::min(N, n0 + kRowsPerTask);
+      matmul_task<GS, S>(problems[i], xsums[i].data(), n0, n1);
     });
   });
+}
+
+template <typename F>
+void with_scale_type(mx::Dtype dtype, F&& f) {
+  switch (dtype) {
+    case mx::float16: return f.template operator()<half_t>();
+    case mx::bfloat16: return f.template operator()<mx::bfloat16_t>();
+    default: return f.template operator()<float>();
+  }
+}
+
+void check_rows_contiguous(const std::vector<mx::array>& in, size_t first, size_t last) {
+  for (size_t i = first; i < last; ++i)
+    if (in[i].strides().back() != 1 || (in[i].shape(-2) > 1 && in[i].strides()[in[i].ndim() - 2] == 0))
+      throw std::invalid_argument("[optiq.kernels] quantized weights need contiguous rows");
+}
+
+// The problem for x [M, K] (contiguous fp32) against expert `e` of w [.., N, K*bits/32].
+MatmulProblem problem_for(const mx::array& w, const mx::array& s, const mx::array& z, const float* x, int M,
+                          int64_t e, float* y, int bits, int gs) {
+  const int nd = w.ndim();
+  MatmulProblem P{};
+  P.M = M, P.K = int(int64_t(w.shape(-1)) * 32 / bits), P.N = w.shape(-2), P.gs = gs, P.bits = bits;
+  P.x = x, P.y = y;
+  const int64_t ssize = mx::size_of(s.dtype());
+  P.w = w.data<uint8_t>() + (nd == 3 ? e * int64_t(w.strides()[0]) * 4 : 0);
+  P.w_row = int64_t(w.strides()[nd - 2]) * 4;
+  P.scales = s.data<char>() + (nd == 3 ? e * int64_t(s.strides()[0]) * ssize : 0);
+  P.biases = z.data<char>() + (nd == 3 ? e * int64_t(z.strides()[0]) * ssize : 0);
+  P.s_row = int64_t(s.strides()[nd - 2]) * ssize;
+  return P;
 }
 
 class QuantizedMatmul : public mx::Primitive {
@@ -114,28 +158,17 @@ class QuantizedMatmul : public mx::Primitive {
   QuantizedMatmul(mx::Stream s, int bits, int group_size) : mx::Primitive(s), bits_(bits), gs_(group_size) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
-    for (size_t i = 1; i < 4; ++i)
-      if (in[i].strides().back() != 1 || (in[i].shape(0) > 1 && in[i].strides()[0] == 0))
-        throw std::invalid_argument("[optiq.kernels] quantized weights need contiguous rows");
+    check_rows_contiguous(in, 1, 4);
     auto& out = outs[0];
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (const auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
     enc.dispatch([in = in, out = mx::array::unsafe_weak_copy(out), bits = bits_, gs = gs_]() mutable {
-      const auto &x = in[0], &w = in[1], &s = in[2];
-      MatmulProblem P{};
-      P.M = x.shape(0), P.K = x.shape(1), P.N = w.shape(0), P.gs = gs, P.bits = bits;
-      P.x = x.data<float>();
-      P.w = w.data<uint8_t>(), P.w_row = int64_t(w.strides()[0]) * 4;
-      P.scales = s.data<char>(), P.biases = in[3].data<char>();
-      P.s_row = int64_t(s.strides()[0]) * int64_t(mx::size_of(s.dtype()));
-      P.y = out.data<float>();
-      switch (s.dtype()) {
-        case mx::float16: run_matmul<half_t>(P); break;
-        case mx::bfloat16: run_matmul<mx::bfloat16_t>(P); break;
-        default: run_matmul<float>(P);
-      }
+      const auto& x = in[0];
+      const std::vector<MatmulProblem> one = {
+          problem_for(in[1], in[2], in[3], x.data<float>(), x.shape(0), 0, out.data<float>(), bits, gs)};
+      with_scale_type(in[2].dtype(), [&]<typename S>() { run_matmuls<S>(one); });
     });
   }
 
@@ -168,6 +201,67 @@ class QuantizedMatmul : public mx::Primitive {
   int bits_, gs_;
 };
 
+
+class GatherQuantizedMatmul : public mx::Primitive {
+ public:
+  GatherQuantizedMatmul(mx::Stream s, int bits, int group_size)
+      : mx::Primitive(s), bits_(bits), gs_(group_size) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
+    check_rows_contiguous(in, 1, 4);
+    auto& out = outs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([in = in, out = mx::array::unsafe_weak_copy(out), bits = bits_, gs = gs_]() mutable {
+      const auto &x = in[0], &w = in[1], &idx = in[4];
+      const int T = x.shape(0), R = x.shape(1), K = x.shape(2), N = w.shape(1);
+      const int64_t E = w.shape(0);
+      const uint32_t* ids = idx.data<uint32_t>();
+      float* y = out.data<float>();
+      std::vector<MatmulProblem> problems;
+      for (int t = 0; t < T; ++t) {
+        if (int64_t(ids[t]) >= E) {  // out-of-range expert: NaNs, not a read past the pool
+          std::fill(y + size_t(t) * R * N, y + size_t(t + 1) * R * N, NAN);
+          continue;
+        }
+        problems.push_back(problem_for(w, in[2], in[3], x.data<float>() + size_t(t) * R * K, R, ids[t],
+                                       y + size_t(t) * R * N, bits, gs));
+      }
+      with_scale_type(in[2].dtype(), [&]<typename S>() { run_matmuls<S>(problems); });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[optiq.kernels] gather_quantized_matmul runs on the CPU only");
+  }
+
+  // Gradient with respect to x: g @ dequantize(W[idx]).
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    std::vector<mx::array> grads;
+    for (int a : argnums) {
+      if (a != 0) throw std::invalid_argument("[optiq.kernels] gather_quantized_matmul: gradient only for x");
+      grads.push_back(mx::gather_qmm(cotangents[0], primals[1], primals[2], primals[3], std::nullopt, primals[4],
+                                     false, gs_, bits_, "affine", std::nullopt, false, stream()));
+    }
+    return grads;
+  }
+
+  const char* name() const override {
+    return "OptiqGatherQuantizedMatmul";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const GatherQuantizedMatmul&>(other);
+    return bits_ == o.bits_ && gs_ == o.gs_;
+  }
+
+ private:
+  int bits_, gs_;
+};
+
 }  // namespace
 
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
@@ -189,6 +283,30 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
   auto xc = mx::contiguous(mx::astype(x, mx::float32, s), false, s);
   return mx::array({x.shape(0), N}, mx::float32, std::make_shared<QuantizedMatmul>(s, bits, group_size),
                    {xc, w, scales, biases});
+}
+
+mx::array gather_quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                                  const mx::array& biases, const mx::array& indices, int bits, int group_size) {
+  check_bits(bits);
+  check_group_size(group_size);
+  check(x.ndim() == 3, "x must be [T, rows, K]");
+  check(w.ndim() == 3 && scales.ndim() == 3 && biases.ndim() == 3, "w, scales and biases must be [experts, N, *]");
+  check(w.dtype() == mx::uint32, "w must be uint32 (as mx.quantize packs it)");
+  check(indices.ndim() == 1 && indices.shape(0) == x.shape(0), "indices must be [T], one expert per row block of x");
+  check(mx::issubdtype(indices.dtype(), mx::integer), "indices must be integers");
+  const int K = x.shape(2), N = w.shape(1);
+  check(int64_t(w.shape(2)) * 32 / bits == K, "w's packed rows do not match x's last dimension at this bit width");
+  check(K % group_size == 0 && scales.shape(2) == K / group_size && biases.shape(2) == K / group_size &&
+            scales.shape(1) == N && biases.shape(1) == N && scales.shape(0) == w.shape(0),
+        "scales/biases do not match w and the group size");
+  check(scales.dtype() == biases.dtype() &&
+            (scales.dtype() == mx::float16 || scales.dtype() == mx::bfloat16 || scales.dtype() == mx::float32),
+        "scales and biases must share one float dtype");
+  auto s = mx::default_stream(mx::Device::cpu);
+  auto xc = mx::contiguous(mx::astype(x, mx::float32, s), false, s);
+  auto ic = mx::contiguous(mx::astype(indices, mx::uint32, s), false, s);
+  return mx::array({x.shape(0), x.shape(1), N}, mx::float32,
+                   std::make_shared<GatherQuantizedMatmul>(s, bits, group_size), {xc, w, scales, biases, ic});
 }
 
 }  // namespace optiq

@@ -75,19 +75,28 @@ def _load_kernels() -> Any:
     return k
 
 
-def _kernel_matmul(layer: nn.Module, x: mx.array) -> mx.array | None:
-    """``x @ dequantize(W).T`` of a quantized layer through optiq-kernels, or None when
-    the kernels are unavailable or cannot read this layer's format."""
+def _kernels_for(layer: nn.Module, x: mx.array) -> Any:
+    """``optiq.kernels`` if it is loaded and can read this quantized layer's format, else None."""
     k = kernels()
     if (
         k is None
         or not on_cpu()
         or getattr(layer, "mode", "affine") != "affine"
+        or getattr(layer, "global_scale", None) is not None
         or layer.bits not in KERNEL_BITS
         or layer.group_size not in KERNEL_GROUP_SIZES
         or "biases" not in layer
         or not mx.issubdtype(x.dtype, mx.floating)
     ):
+        return None
+    return k
+
+
+def _kernel_matmul(layer: nn.Module, x: mx.array) -> mx.array | None:
+    """``x @ dequantize(W).T`` of a quantized layer through optiq-kernels, or None when
+    the kernels are unavailable or cannot read this layer's format."""
+    k = _kernels_for(layer, x)
+    if k is None:
         return None
     w = layer["weight"]
     y = k.quantized_matmul(
@@ -165,6 +174,23 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
         return x @ w.T
 
 
+def _kernel_gather_matmul(layer: nn.Module, x: mx.array, indices: mx.array) -> mx.array | None:
+    """mlx's ``gather_qmm(x, W, rhs_indices=indices, transpose=True)`` through optiq-kernels
+    (x [..., rows, K] broadcast against indices [...]), or None when it cannot."""
+    k = _kernels_for(layer, x)
+    if k is None:
+        return None
+    batch = mx.broadcast_shapes(x.shape[:-2], indices.shape)
+    rows, K = x.shape[-2:]
+    T = math.prod(batch)
+    xb = mx.broadcast_to(x, (*batch, rows, K)).reshape(T, rows, K)
+    y = k.gather_quantized_matmul(
+        xb, layer["weight"], layer["scales"], layer["biases"], mx.broadcast_to(indices, batch).reshape(T),
+        bits=layer.bits, group_size=layer.group_size,
+    )
+    return y.reshape(*batch, rows, -1).astype(x.dtype)
+
+
 def _switch_classes():
     try:
         from mlx_lm.models.switch_layers import QuantizedSwitchLinear
@@ -172,11 +198,18 @@ def _switch_classes():
         return None
 
     class CPUQuantizedSwitchLinear(QuantizedSwitchLinear):
-        """MoE expert pool: dequantize the pool and use gather_mm for many rows."""
+        """MoE expert pool: dequantize the pool and use gather_mm when the experts get many
+        rows on average; otherwise gather the packed experts (optiq-kernels, else MLX)."""
 
         def __call__(self, x, indices, sorted_indices=False):
-            if _rows(x) < DEQUANT_MIN_ROWS:
-                return super().__call__(x, indices, sorted_indices=sorted_indices)
+            # (row, expert) products: dequantizing the whole pool pays off only when each
+            # expert gets DEQUANT_MIN_ROWS of them on average (prefill), not when decoding.
+            pairs = math.prod(mx.broadcast_shapes(x.shape[:-2], indices.shape)) * x.shape[-2]
+            if pairs < DEQUANT_MIN_ROWS * self.num_experts:
+                y = _kernel_gather_matmul(self, x, indices)
+                if y is None:
+                    return super().__call__(x, indices, sorted_indices=sorted_indices)
+                return y + mx.expand_dims(self["bias"][indices], -2) if "bias" in self else y
             w = mx.dequantize(
                 self["weight"],
                 self["scales"],

@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from . import _ext
 
-__all__ = ["BUILT_AGAINST_MLX", "quantized_decode_attention", "quantized_matmul", "threads"]
+__all__ = ["BUILT_AGAINST_MLX", "gather_quantized_matmul", "quantized_decode_attention", "quantized_matmul", "threads"]
 
 BUILT_AGAINST_MLX: str = _ext.MLX_VERSION
 
@@ -67,3 +67,16 @@ def quantized_matmul(
     returns fp32 [rows, N].
     """
     return _ext.quantized_matmul(x, w, scales, biases, bits=bits, group_size=group_size)
+
+
+def gather_quantized_matmul(
+    x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, indices: mx.array, *, bits: int, group_size: int
+) -> mx.array:
+    """``x[t] @ dequantize(w[indices[t]]).T`` for a pool of quantized experts (MoE decode).
+
+    ``x`` [T, rows, K], ``indices`` [T] (one expert per block of rows), ``w`` [E, N,
+    K * bits / 32] with ``scales``/``biases`` [E, N, K / group_size]. An index outside
+    the pool gives NaNs. Differentiable with respect to ``x``. CPU only; returns fp32
+    [T, rows, N].
+    """
+    return _ext.gather_quantized_matmul(x, w, scales, biases, indices, bits=bits, group_size=group_size)
