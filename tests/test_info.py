@@ -84,9 +84,11 @@ def test_info_cli_text_and_json(capsys):
     main_ok(["info"])
     out = capsys.readouterr().out
     assert "qwen3_5" in out and "full_attention" in out and "linear_attention" in out
+    assert "compute:      CPU, fp32" in out and "optiq-kernels (" in out
     main_ok(["info", "--json"])
     data = json.loads(capsys.readouterr().out)
     assert data["layer_kind_counts"]["full_attention"] >= 2
+    assert data["compute"]["device"] == "cpu" and data["compute"]["optiq_kernels"]["threads"] >= 1
 
 
 def main_ok(args):

@@ -22,14 +22,18 @@ def human_bytes(n: int) -> str:
 @model_argument
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def info(model: str | None, as_json: bool) -> None:
-    """Describe MODEL: architecture, layer kinds, parameters, quantization, size."""
+    """Describe MODEL: architecture, layer kinds, parameters, quantization, size, and
+    where this machine computes (device, BLAS, optiq-kernels)."""
+    from optiq.core.cpu import compute_summary, describe_compute
     from optiq.core.info import model_info
 
     mi = model_info(model)
+    compute = compute_summary()
     if as_json:
         data = asdict(mi)
         data["path"] = str(mi.path)
         data["layer_kind_counts"] = mi.layer_kind_counts
+        data["compute"] = compute
         click.echo(json.dumps(data, indent=2, default=str))
         return
     kinds = ", ".join(f"{n} {k}" for k, n in mi.layer_kind_counts.items())
@@ -42,6 +46,7 @@ def info(model: str | None, as_json: bool) -> None:
     click.echo(f"parameters:   {mi.parameters:,}")
     click.echo(f"dtype:        {mi.dtype}")
     click.echo(f"size on disk: {human_bytes(mi.disk_bytes)} (weights {human_bytes(mi.weight_bytes)})")
+    click.echo(f"compute:      {describe_compute(compute)}")
     if mi.quantization:
         glob = {k: v for k, v in mi.quantization.items() if not isinstance(v, dict)}
         per_layer = sum(isinstance(v, dict) for v in mi.quantization.values())

@@ -75,6 +75,30 @@ def _load_kernels() -> Any:
     return k
 
 
+def compute_summary() -> dict[str, Any]:
+    """Where OptiQ computes in this process: device, BLAS, kernels (for ``optiq info``)."""
+    from .blas import loaded_openblas
+
+    k = kernels()
+    cpu = on_cpu()
+    return {
+        "device": "cpu" if cpu else str(mx.default_device()),
+        "mlx": mx.__version__,
+        "openblas": loaded_openblas() if cpu else None,
+        "optiq_kernels": ({"threads": k.threads()} if k is not None else None) if cpu else None,
+    }
+
+
+def describe_compute(summary: dict[str, Any]) -> str:
+    """One line for :func:`compute_summary`."""
+    if summary["device"] != "cpu":
+        return f"{summary['device']} (MLX {summary['mlx']}): MLX's own kernels"
+    blas = f"OpenBLAS {summary['openblas']}" if summary["openblas"] else "MLX's reference BLAS (no OpenBLAS found)"
+    k = summary["optiq_kernels"]
+    kern = f"optiq-kernels ({k['threads']} threads)" if k else "no optiq-kernels (pure-MLX decode: slower)"
+    return f"CPU, fp32 (MLX {summary['mlx']}); {blas}; {kern}"
+
+
 def _kernels_for(layer: nn.Module, x: mx.array) -> Any:
     """``optiq.kernels`` if it is loaded and can read this quantized layer's format, else None."""
     k = kernels()
