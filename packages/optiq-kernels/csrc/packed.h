@@ -27,7 +27,8 @@ namespace optiq {
 namespace mx = mlx::core;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-// One portable build, with an AVX2+FMA copy of the hot loops picked at load time.
+// One portable build, with an AVX2+FMA copy of the hot loops picked at load time. (Clang
+// cannot multiversion templates: its builds use the baseline ISA, SSE2 or NEON.)
 #define OPTIQ_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define OPTIQ_MULTIVERSION
