@@ -259,3 +259,18 @@ def test_moe_expert_pools_gather_packed_experts_when_decoding(tmp_path, monkeypa
         with pure_mlx():
             slow = lm.model(ids)
         assert mx.abs(fast - slow).max().item() < 1e-3
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_kernel_rotates_queries_and_output_for_hadamard_caches(group_size):
+    from optiq.core.kv.quant import hadamard
+
+    r = hadamard(128, group_size)
+    k, v = (mx.random.normal((1, 2, 700, 128), key=mx.random.key(s)) for s in (11, 12))
+    kq, vq = (mx.quantize((x @ r).astype(mx.float16), group_size=group_size, bits=4) for x in (k, v))
+    q = 0.1 * mx.random.normal((1, 2, 3, 128), key=mx.random.key(13))
+    f32 = mx.float32
+    kd, vd = (mx.dequantize(w, s.astype(f32), b.astype(f32), group_size=group_size, bits=4) @ r for w, s, b in (kq, vq))
+    ref = mx.softmax(q @ kd.swapaxes(-1, -2), axis=-1, precise=True) @ vd
+    out = kernels.quantized_decode_attention(q, kq, vq, k_bits=4, v_bits=4, group_size=group_size, hadamard=True)
+    assert mx.abs(out - ref).max().item() < 5e-6

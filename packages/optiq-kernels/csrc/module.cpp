@@ -18,7 +18,9 @@ NB_MODULE(_ext, m) {
   m.def("quantized_decode_attention", &optiq::quantized_decode_attention, nb::arg("q"), nb::arg("k_codes"),
         nb::arg("k_scales"), nb::arg("k_biases"), nb::arg("v_codes"), nb::arg("v_scales"), nb::arg("v_biases"),
         nb::arg("mask").none() = nb::none(), nb::arg("k_bits"), nb::arg("v_bits"), nb::arg("group_size"),
-        "softmax(q @ K^T + mask) @ V over packed K/V codes; q [B, H_kv, rows, D] already scaled. Returns fp32.");
+        nb::arg("hadamard") = false,
+        "softmax(q @ K^T + mask) @ V over packed K/V codes; q [B, H_kv, rows, D] already scaled. With hadamard, "
+        "K/V were stored rotated by the per-group Hadamard R: q is rotated in and the output back. Returns fp32.");
   m.def("quantized_matmul", &optiq::quantized_matmul, nb::arg("x"), nb::arg("w"), nb::arg("scales"),
         nb::arg("biases"), nb::arg("bits"), nb::arg("group_size"),
         "x [rows, K] @ dequantize(w).T for an affine-quantized w [N, K*bits/32]. Returns fp32 [rows, N].");

@@ -162,7 +162,7 @@ decltype(auto) with_group_size(int gs, F&& f) {
 mx::array quantized_decode_attention(const mx::array& q, const mx::array& k_codes, const mx::array& k_scales,
                                      const mx::array& k_biases, const mx::array& v_codes, const mx::array& v_scales,
                                      const mx::array& v_biases, std::optional<mx::array> mask, int k_bits,
-                                     int v_bits, int group_size);
+                                     int v_bits, int group_size, bool hadamard);
 
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int bits, int group_size);

@@ -64,6 +64,7 @@ struct Problem {
   int64_t q_row;  // byte stride of the query rows
   const float* mask_data;
   bool has_mask;
+  bool hadamard;  // K/V stored rotated: rotate the queries in, the output back
 };
 
 // Partial result of one (batch, head, slice of positions).
@@ -224,6 +225,23 @@ void run_slice(const Problem& P, int b, int h, int64_t l0, int64_t l1, const flo
   });
 }
 
+// x <- x @ R in place, R block-diagonal with one normalized Sylvester Hadamard block per
+// group (a fast Walsh-Hadamard transform; R is its own inverse).
+void hadamard_groups(float* x, int n, int gs) {
+  const float norm = 1.0f / std::sqrt(float(gs));
+  for (int g = 0; g < n; g += gs) {
+    float* v = x + g;
+    for (int h = 1; h < gs; h *= 2)
+      for (int i = 0; i < gs; i += 2 * h)
+        for (int j = i; j < i + h; ++j) {
+          const float a = v[j], b = v[j + h];
+          v[j] = a + b;
+          v[j + h] = a - b;
+        }
+    for (int d = 0; d < gs; ++d) v[d] *= norm;
+  }
+}
+
 template <typename S>
 void run(const Problem& P, float* out) {
   const int R = P.R, D = P.D, Dv = P.Dv, gs = P.gs, Gk = D / gs;
@@ -237,10 +255,12 @@ void run(const Problem& P, float* out) {
       for (int r = 0; r < R; ++r) {
         const float* src = reinterpret_cast<const float*>(P.q.ptr + b * P.q.sb + h * P.q.sh + r * P.q_row);
         const size_t row = (size_t(b) * P.H + h) * R + r;
-        for (int d = 0; d < D; ++d) qrows[row * D + d] = src[d];
+        float* qr = qrows.data() + row * D;
+        for (int d = 0; d < D; ++d) qr[d] = src[d];
+        if (P.hadamard) hadamard_groups(qr, D, gs);
         for (int g = 0; g < Gk; ++g) {
           float s = 0.0f;
-          for (int d = 0; d < gs; ++d) s += src[g * gs + d];
+          for (int d = 0; d < gs; ++d) s += qr[g * gs + d];
           qsum[row * Gk + g] = s;
         }
       }
@@ -274,13 +294,15 @@ void run(const Problem& P, float* out) {
       }
       const float inv = 1.0f / sum;
       for (int d = 0; d < Dv; ++d) dst[d] = merged[d] * inv;
+      if (P.hadamard) hadamard_groups(dst, Dv, gs);
     }
 }
 
 class QuantizedDecodeAttention : public mx::Primitive {
  public:
-  QuantizedDecodeAttention(mx::Stream s, int k_bits, int v_bits, int group_size, bool has_mask)
-      : mx::Primitive(s), k_bits_(k_bits), v_bits_(v_bits), gs_(group_size), has_mask_(has_mask) {}
+  QuantizedDecodeAttention(mx::Stream s, int k_bits, int v_bits, int group_size, bool has_mask, bool hadamard)
+      : mx::Primitive(s), k_bits_(k_bits), v_bits_(v_bits), gs_(group_size), has_mask_(has_mask),
+        hadamard_(hadamard) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
     for (size_t i = 1; i < 7; ++i)
@@ -292,7 +314,7 @@ class QuantizedDecodeAttention : public mx::Primitive {
     for (const auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
     enc.dispatch([in = in, out = mx::array::unsafe_weak_copy(out), kb = k_bits_, vb = v_bits_, gs = gs_,
-                  hm = has_mask_]() mutable {
+                  hm = has_mask_, hd = hadamard_]() mutable {
       const auto& q = in[0];
       Problem P{};
       P.B = q.shape(0), P.H = q.shape(1), P.R = q.shape(2), P.D = q.shape(3), P.Dv = out.shape(3);
@@ -301,6 +323,7 @@ class QuantizedDecodeAttention : public mx::Primitive {
       P.kw = operand(in[1]), P.ks = operand(in[2]), P.kb = operand(in[3]);
       P.vw = operand(in[4]), P.vs = operand(in[5]), P.vb = operand(in[6]);
       P.has_mask = hm;
+      P.hadamard = hd;
       P.mask_data = hm ? in[7].data<float>() : nullptr;
       float* o = out.data<float>();
       switch (in[2].dtype()) {
@@ -321,12 +344,13 @@ class QuantizedDecodeAttention : public mx::Primitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const QuantizedDecodeAttention&>(other);
-    return k_bits_ == o.k_bits_ && v_bits_ == o.v_bits_ && gs_ == o.gs_ && has_mask_ == o.has_mask_;
+    return k_bits_ == o.k_bits_ && v_bits_ == o.v_bits_ && gs_ == o.gs_ && has_mask_ == o.has_mask_ &&
+           hadamard_ == o.hadamard_;
   }
 
  private:
   int k_bits_, v_bits_, gs_;
-  bool has_mask_;
+  bool has_mask_, hadamard_;
 };
 
 void check_packed(const mx::array& w, const mx::array& s, const mx::array& z, const char* what, int bits,
@@ -347,7 +371,7 @@ void check_packed(const mx::array& w, const mx::array& s, const mx::array& z, co
 mx::array quantized_decode_attention(const mx::array& q, const mx::array& k_codes, const mx::array& k_scales,
                                      const mx::array& k_biases, const mx::array& v_codes, const mx::array& v_scales,
                                      const mx::array& v_biases, std::optional<mx::array> mask, int k_bits,
-                                     int v_bits, int group_size) {
+                                     int v_bits, int group_size, bool hadamard) {
   check_bits(k_bits);
   check_bits(v_bits);
   check_group_size(group_size);
@@ -371,7 +395,7 @@ mx::array quantized_decode_attention(const mx::array& q, const mx::array& k_code
     inputs.push_back(prep(mx::broadcast_to(*mask, {B, H, R, int(L)}, s)));
   }
   return mx::array({B, H, R, Dv}, mx::float32,
-                   std::make_shared<QuantizedDecodeAttention>(s, k_bits, v_bits, group_size, mask.has_value()),
+                   std::make_shared<QuantizedDecodeAttention>(s, k_bits, v_bits, group_size, mask.has_value(), hadamard),
                    std::move(inputs));
 }
 

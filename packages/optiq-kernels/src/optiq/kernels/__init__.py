@@ -44,16 +44,19 @@ def quantized_decode_attention(
     v_bits: int,
     group_size: int,
     mask: mx.array | None = None,
+    hadamard: bool = False,
 ) -> mx.array:
     """``softmax(q @ K.T + mask) @ V`` with K and V given as packed ``mx.quantize`` triples.
 
     ``q`` is [B, H_kv, rows, D], already scaled (fold GQA query heads into rows);
     ``keys``/``values`` are (codes, scales, biases) shaped [B, H_kv, L, *] with a
     contiguous last axis (slices of a larger cache buffer are fine); ``mask`` is
-    additive and broadcastable to [B, H_kv, rows, L]. CPU only; returns fp32.
+    additive and broadcastable to [B, H_kv, rows, L]. ``hadamard``: K and V were stored
+    as ``x @ R`` (``R`` one normalized Sylvester Hadamard block per group, its own
+    inverse), so ``q`` is rotated in and the output back. CPU only; returns fp32.
     """
     return _ext.quantized_decode_attention(
-        q, *keys, *values, mask, k_bits=k_bits, v_bits=v_bits, group_size=group_size
+        q, *keys, *values, mask, k_bits=k_bits, v_bits=v_bits, group_size=group_size, hadamard=hadamard
     )
 
 

@@ -163,28 +163,27 @@ def quantized_attention(
     dt = queries.dtype
     # Fold the query heads sharing one KV head into the row dimension: one matmul per KV head.
     q = (queries * scale).reshape(B, n_kv_heads, rep * N, D)
-    q = quant.rotate(q, cache.rotation, cache.group_size)  # stored keys are rotated: q.k = qR.kR
     if mask is not None:
         mask = _fold_mask(mask, B, n_kv_heads, rep, N, L)
     k = kernels() if _ON_CPU() else None
-    if k is not None:
+    if k is not None:  # rotates the query in and the output back itself
         if mask is not None and mask.dtype == mx.bool_:
             mask = mx.where(mask, 0.0, -mx.inf)
-        out = k.quantized_decode_attention(
+        return k.quantized_decode_attention(
             q, (kw, ks, kb), (vw, vs, vb), k_bits=cache.k_bits, v_bits=cache.v_bits,
-            group_size=cache.group_size, mask=mask,
-        ).astype(dt)
-    else:
-        if dt != ks.dtype and not _ON_CPU():
-            # MLX's CPU kernel takes fp16 scales with fp32 inputs (same result); elsewhere match dtypes.
-            ks, kb, vs, vb = (x.astype(dt) for x in (ks, kb, vs, vb))
-        scores = _key_scores(q, kw, ks, kb, cache.k_bits, cache.group_size)
-        if mask is not None:
-            if mask.dtype == mx.bool_:
-                scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-            else:
-                scores = scores + mask
-        out = _softmax_values(cache.v_bits, cache.group_size, scores, vw, vs, vb)
+            group_size=cache.group_size, mask=mask, hadamard=cache.rotation == "hadamard",
+        ).astype(dt).reshape(B, n_q_heads, N, -1)
+    q = quant.rotate(q, cache.rotation, cache.group_size)  # stored keys are rotated: q.k = qR.kR
+    if dt != ks.dtype and not _ON_CPU():
+        # MLX's CPU kernel takes fp16 scales with fp32 inputs (same result); elsewhere match dtypes.
+        ks, kb, vs, vb = (x.astype(dt) for x in (ks, kb, vs, vb))
+    scores = _key_scores(q, kw, ks, kb, cache.k_bits, cache.group_size)
+    if mask is not None:
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    out = _softmax_values(cache.v_bits, cache.group_size, scores, vw, vs, vb)
     out = quant.rotate(out, cache.rotation, cache.group_size)  # p.(VR) = (p.V)R: R undoes itself
     return out.reshape(B, n_q_heads, N, -1)
 
