@@ -122,9 +122,12 @@ def serve(
         s = server.engine.summary
         scheme = "TLS" if tls_cert else "plaintext"
         auth = ", bearer auth" if config.api_key else ""
+        from optiq.core.cpu import compute_summary, describe_compute
+
         click.echo(
             f"optiq serve: listening on {server.address} ({scheme}{auth}); model {s.model_id} "
-            f"({s.architecture}, {s.quant_summary}); max concurrency {max_concurrency}",
+            f"({s.architecture}, {s.quant_summary}); max concurrency {max_concurrency}; "
+            f"compute: {describe_compute(compute_summary())}",
             err=True,
         )
         sys.stderr.flush()
