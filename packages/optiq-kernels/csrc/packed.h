@@ -12,6 +12,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 #include <future>
 #include <optional>
 #include <stdexcept>
@@ -110,7 +113,11 @@ inline int thread_count() {
       const int v = std::atoi(env);
       if (v > 0) return v;
     }
-    const unsigned hw = std::thread::hardware_concurrency();
+    unsigned hw = std::thread::hardware_concurrency();
+#if defined(__linux__)
+    cpu_set_t set;  // the CPUs this process may run on (taskset, container cpusets), not the host's
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) hw = unsigned(CPU_COUNT(&set));
+#endif
     return int(std::clamp(hw == 0 ? 1u : hw, 1u, 8u));
   }();
   return n;
