@@ -14,7 +14,7 @@ NB_MODULE(_ext, m) {
   m.attr("MLX_VERSION") = std::to_string(MLX_VERSION_MAJOR) + "." + std::to_string(MLX_VERSION_MINOR) + "." +
                           std::to_string(MLX_VERSION_PATCH);
   m.def("threads", &optiq::thread_count,
-        "Threads the kernels split work over (OPTIQ_KERNEL_THREADS, default: cores, at most 8).");
+        "Threads the kernels split work over (OPTIQ_KERNEL_THREADS, default: the CPUs this process may use, at most 8).");
   m.def("quantized_decode_attention", &optiq::quantized_decode_attention, nb::arg("q"), nb::arg("k_codes"),
         nb::arg("k_scales"), nb::arg("k_biases"), nb::arg("v_codes"), nb::arg("v_scales"), nb::arg("v_biases"),
         nb::arg("mask").none() = nb::none(), nb::arg("k_bits"), nb::arg("v_bits"), nb::arg("group_size"),

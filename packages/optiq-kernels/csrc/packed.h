@@ -106,7 +106,7 @@ __attribute__((always_inline)) inline v8f codes8(const uint8_t* row, int e0) {
   return __builtin_convertvector(reinterpret_cast<i32x8>((v >> shift) & mask), v8f);
 }
 
-// Threads the kernels split work over (OPTIQ_KERNEL_THREADS, default: cores, at most 8).
+// Threads the kernels split work over (OPTIQ_KERNEL_THREADS, default: the CPUs this process may use, at most 8).
 inline int thread_count() {
   static const int n = [] {
     if (const char* env = std::getenv("OPTIQ_KERNEL_THREADS")) {
