@@ -106,6 +106,15 @@ __attribute__((always_inline)) inline v8f codes8(const uint8_t* row, int e0) {
   return __builtin_convertvector(reinterpret_cast<i32x8>((v >> shift) & mask), v8f);
 }
 
+// `rows` rows of scales or biases (byte stride `row_bytes`) as floats: [rows, groups].
+template <typename S>
+OPTIQ_MULTIVERSION void rows_as_float(const char* first, int64_t row_bytes, int64_t rows, int groups, float* out) {
+  for (int64_t n = 0; n < rows; ++n) {
+    const S* r = reinterpret_cast<const S*>(first + n * row_bytes);
+    for (int g = 0; g < groups; ++g) out[n * groups + g] = static_cast<float>(r[g]);
+  }
+}
+
 // Threads the kernels split work over (OPTIQ_KERNEL_THREADS, default: the CPUs this process may use, at most 8).
 inline int thread_count() {
   static const int n = [] {

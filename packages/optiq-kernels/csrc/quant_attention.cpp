@@ -74,11 +74,8 @@ struct Partial {
 
 // Scales or biases of positions [l0, l1) as floats: [n, groups].
 template <typename S>
-OPTIQ_MULTIVERSION void gather_floats(const Operand& a, int b, int h, int64_t l0, int64_t l1, int groups, float* out) {
-  for (int64_t l = l0; l < l1; ++l) {
-    const S* row = a.at<S>(b, h, l);
-    for (int g = 0; g < groups; ++g) out[(l - l0) * groups + g] = static_cast<float>(row[g]);
-  }
+void gather_floats(const Operand& a, int b, int h, int64_t l0, int64_t l1, int groups, float* out) {
+  rows_as_float<S>(a.at<char>(b, h, l0), a.sl, l1 - l0, groups, out);
 }
 
 // A position's packed codes; 3/5/6-bit rows are copied into `pad` first (codes8 reads a

@@ -28,15 +28,6 @@ struct MatmulProblem {
   float* y;       // [M, N]
 };
 
-// Scales or biases of rows [n0, n1) as floats: [n, groups].
-template <typename S>
-OPTIQ_MULTIVERSION void rows_as_float(const char* base, int64_t row_bytes, int n0, int n1, int groups, float* out) {
-  for (int n = n0; n < n1; ++n) {
-    const S* r = reinterpret_cast<const S*>(base + n * row_bytes);
-    for (int g = 0; g < groups; ++g) out[(n - n0) * groups + g] = static_cast<float>(r[g]);
-  }
-}
-
 // MR rows of x against rows [n0, n1) of W: per group, acc += x . codes (codes converted
 // in registers, see codes8), total += s * acc; one horizontal sum per output.
 template <int GS, int BITS, int MR>
@@ -87,8 +78,8 @@ template <int GS, typename S>
 void matmul_task(const MatmulProblem& P, const float* xsum, int n0, int n1) {
   const int G = P.K / GS;
   std::vector<float> s((n1 - n0) * G), z((n1 - n0) * G);
-  rows_as_float<S>(P.scales, P.s_row, n0, n1, G, s.data());
-  rows_as_float<S>(P.biases, P.s_row, n0, n1, G, z.data());
+  rows_as_float<S>(P.scales + n0 * P.s_row, P.s_row, n1 - n0, G, s.data());
+  rows_as_float<S>(P.biases + n0 * P.s_row, P.s_row, n1 - n0, G, z.data());
   switch (P.bits) {
     case 2: matmul_tile<GS, 2>(P, xsum, n0, n1, s.data(), z.data()); break;
     case 3: matmul_tile<GS, 3>(P, xsum, n0, n1, s.data(), z.data()); break;
