@@ -28,17 +28,13 @@ import mlx.core as mx
 from mlx import nn
 from mlx_lm.models import base as mlx_base
 
-from ..cpu import exp, kernels
+from ..cpu import exp, kernels, on_cpu
 from . import cache as _cache
 from . import quant
 from .cache import PACKED_MAX_ROWS as QMM_MAX_QUERY_ROWS
 from .cache import _MixedBase
 
 _STOCK_SDPA = mlx_base.scaled_dot_product_attention
-
-
-def _ON_CPU() -> bool:
-    return mx.default_device() == mx.cpu
 
 
 # Widths whose codes never straddle a byte in MLX's packing (element j of a uint32 word
@@ -127,7 +123,7 @@ def _compiled_exp_values(bits: int, group_size: int):
 
 def _key_scores(q: mx.array, kw: mx.array, ks: mx.array, kb: mx.array, bits: int, group_size: int) -> mx.array:
     """``q @ dequantize(keys).T`` by the fastest route for the device and format."""
-    if not (_ON_CPU() and bits in BYTE_ALIGNED_BITS):
+    if not (on_cpu() and bits in BYTE_ALIGNED_BITS):
         return mx.quantized_matmul(q, kw, ks, kb, transpose=True, group_size=group_size, bits=bits)
     if ks.shape[-1] != 1:
         return unpacked_scores(q, kw, ks, kb, bits, group_size)
@@ -142,8 +138,8 @@ def _fold_mask(mask: Any, B: int, n_kv_heads: int, rep: int, N: int, L: int) -> 
         mask = mx.arange(L - N, L)[:, None] >= mx.arange(L)[None]
     if mask.ndim == 4 and mask.shape[1] != 1:  # per query head -> (kv head, repeat)
         mask = mask.reshape(mask.shape[0], n_kv_heads, rep, N, L)
-    else:
-        mask = mx.expand_dims(mask.reshape(-1, 1, N, L) if mask.ndim == 4 else mask.reshape(1, 1, N, L), 2)
+    else:  # [B or 1, 1, N, L] or [N, L]: the same for every head
+        mask = mx.expand_dims(mask if mask.ndim == 4 else mask.reshape(1, 1, N, L), 2)
     mask = mx.broadcast_to(mask, (mask.shape[0], n_kv_heads, rep, N, L))
     return mask.reshape(mask.shape[0], n_kv_heads, rep * N, L)
 
@@ -165,7 +161,7 @@ def quantized_attention(
     q = (queries * scale).reshape(B, n_kv_heads, rep * N, D)
     if mask is not None:
         mask = _fold_mask(mask, B, n_kv_heads, rep, N, L)
-    k = kernels() if _ON_CPU() else None
+    k = kernels() if on_cpu() else None
     if k is not None:  # rotates the query in and the output back itself
         if mask is not None and mask.dtype == mx.bool_:
             mask = mx.where(mask, 0.0, -mx.inf)
@@ -174,7 +170,7 @@ def quantized_attention(
             group_size=cache.group_size, mask=mask, hadamard=cache.rotation == "hadamard",
         ).astype(dt).reshape(B, n_q_heads, N, -1)
     q = quant.rotate(q, cache.rotation, cache.group_size)  # stored keys are rotated: q.k = qR.kR
-    if dt != ks.dtype and not _ON_CPU():
+    if dt != ks.dtype and not on_cpu():
         # MLX's CPU kernel takes fp16 scales with fp32 inputs (same result); elsewhere match dtypes.
         ks, kb, vs, vb = (x.astype(dt) for x in (ks, kb, vs, vb))
     scores = _key_scores(q, kw, ks, kb, cache.k_bits, cache.group_size)
