@@ -22,6 +22,7 @@
 #include <thread>
 #include <vector>
 
+#include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/threadpool.h"
 
@@ -149,6 +150,26 @@ void parallel_for(int64_t n, F&& worker) {
   for (int i = 0; i < helpers; ++i) done.push_back(pool().enqueue(loop));
   loop();
   for (auto& f : done) f.get();
+}
+
+// Allocates `out` and queues `task(inputs, out)` on `stream`'s CPU worker, after the inputs.
+template <typename F>
+void dispatch_cpu(const mx::Stream& stream, const std::vector<mx::array>& in, mx::array& out, F task) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream);
+  for (const auto& a : in) enc.set_input_array(a);
+  enc.set_output_array(out);
+  enc.dispatch([in = in, out = mx::array::unsafe_weak_copy(out), task = std::move(task)]() mutable { task(in, out); });
+}
+
+// Calls f.template operator()<S>() with S the C++ type of fp16/bf16/fp32 scales.
+template <typename F>
+void with_scale_type(mx::Dtype dtype, F&& f) {
+  switch (dtype) {
+    case mx::float16: return f.template operator()<half_t>();
+    case mx::bfloat16: return f.template operator()<mx::bfloat16_t>();
+    default: return f.template operator()<float>();
+  }
 }
 
 inline void check(bool ok, const std::string& msg) {

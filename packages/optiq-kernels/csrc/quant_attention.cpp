@@ -13,7 +13,6 @@
 #include <memory>
 #include <optional>
 
-#include "mlx/backend/cpu/encoder.h"
 #include "mlx/primitives.h"
 #include "packed.h"
 
@@ -305,13 +304,8 @@ class QuantizedDecodeAttention : public mx::Primitive {
     for (size_t i = 1; i < 7; ++i)
       if (in[i].strides().back() != 1 && in[i].shape().back() != 1)
         throw std::invalid_argument("[optiq.kernels] packed K/V operands need a contiguous last axis");
-    auto& out = outs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
-    enc.dispatch([in = in, out = mx::array::unsafe_weak_copy(out), kb = k_bits_, vb = v_bits_, gs = gs_,
-                  hm = has_mask_, hd = hadamard_]() mutable {
+    dispatch_cpu(stream(), in, outs[0], [kb = k_bits_, vb = v_bits_, gs = gs_, hm = has_mask_, hd = hadamard_](
+                                             const std::vector<mx::array>& in, mx::array& out) {
       const auto& q = in[0];
       Problem P{};
       P.B = q.shape(0), P.H = q.shape(1), P.R = q.shape(2), P.D = q.shape(3), P.Dv = out.shape(3);
@@ -323,11 +317,7 @@ class QuantizedDecodeAttention : public mx::Primitive {
       P.hadamard = hd;
       P.mask_data = hm ? in[7].data<float>() : nullptr;
       float* o = out.data<float>();
-      switch (in[2].dtype()) {
-        case mx::float16: run<half_t>(P, o); break;
-        case mx::bfloat16: run<mx::bfloat16_t>(P, o); break;
-        default: run<float>(P, o);
-      }
+      with_scale_type(in[2].dtype(), [&]<typename S>() { run<S>(P, o); });
     });
   }
 

@@ -9,7 +9,6 @@
 #include <cstring>
 #include <memory>
 
-#include "mlx/backend/cpu/encoder.h"
 #include "mlx/primitives.h"
 #include "packed.h"
 
@@ -113,15 +112,6 @@ void run_matmuls(const std::vector<MatmulProblem>& problems) {
   });
 }
 
-template <typename F>
-void with_scale_type(mx::Dtype dtype, F&& f) {
-  switch (dtype) {
-    case mx::float16: return f.template operator()<half_t>();
-    case mx::bfloat16: return f.template operator()<mx::bfloat16_t>();
-    default: return f.template operator()<float>();
-  }
-}
-
 void check_rows_contiguous(const std::vector<mx::array>& in, size_t first, size_t last) {
   for (size_t i = first; i < last; ++i)
     if (in[i].strides().back() != 1 || (in[i].shape(-2) > 1 && in[i].strides()[in[i].ndim() - 2] == 0))
@@ -144,27 +134,38 @@ MatmulProblem problem_for(const mx::array& w, const mx::array& s, const mx::arra
   return P;
 }
 
-class QuantizedMatmul : public mx::Primitive {
+// What the plain and the gathered matmul share: the packed format, CPU only.
+class PackedMatmul : public mx::Primitive {
  public:
-  QuantizedMatmul(mx::Stream s, int bits, int group_size) : mx::Primitive(s), bits_(bits), gs_(group_size) {}
+  PackedMatmul(mx::Stream s, int bits, int group_size, const char* op)
+      : mx::Primitive(s), bits_(bits), gs_(group_size), op_(op) {}
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string("[optiq.kernels] ") + op_ + " runs on the CPU only");
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const PackedMatmul&>(other);
+    return bits_ == o.bits_ && gs_ == o.gs_;
+  }
+
+ protected:
+  int bits_, gs_;
+  const char* op_;
+};
+
+class QuantizedMatmul : public PackedMatmul {
+ public:
+  QuantizedMatmul(mx::Stream s, int bits, int group_size) : PackedMatmul(s, bits, group_size, "quantized_matmul") {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
     check_rows_contiguous(in, 1, 4);
-    auto& out = outs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
-    enc.dispatch([in = in, out = mx::array::unsafe_weak_copy(out), bits = bits_, gs = gs_]() mutable {
+    dispatch_cpu(stream(), in, outs[0], [bits = bits_, gs = gs_](const std::vector<mx::array>& in, mx::array& out) {
       const auto& x = in[0];
       const std::vector<MatmulProblem> one = {
           problem_for(in[1], in[2], in[3], x.data<float>(), x.shape(0), 0, out.data<float>(), bits, gs)};
       with_scale_type(in[2].dtype(), [&]<typename S>() { run_matmuls<S>(one); });
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("[optiq.kernels] quantized_matmul runs on the CPU only");
   }
 
   // Gradient with respect to x (LoRA on a frozen quantized base): g @ dequantize(W).
@@ -182,30 +183,16 @@ class QuantizedMatmul : public mx::Primitive {
   const char* name() const override {
     return "OptiqQuantizedMatmul";
   }
-
-  bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const QuantizedMatmul&>(other);
-    return bits_ == o.bits_ && gs_ == o.gs_;
-  }
-
- private:
-  int bits_, gs_;
 };
 
-
-class GatherQuantizedMatmul : public mx::Primitive {
+class GatherQuantizedMatmul : public PackedMatmul {
  public:
   GatherQuantizedMatmul(mx::Stream s, int bits, int group_size)
-      : mx::Primitive(s), bits_(bits), gs_(group_size) {}
+      : PackedMatmul(s, bits, group_size, "gather_quantized_matmul") {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
     check_rows_contiguous(in, 1, 4);
-    auto& out = outs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
-    enc.dispatch([in = in, out = mx::array::unsafe_weak_copy(out), bits = bits_, gs = gs_]() mutable {
+    dispatch_cpu(stream(), in, outs[0], [bits = bits_, gs = gs_](const std::vector<mx::array>& in, mx::array& out) {
       const auto &x = in[0], &w = in[1], &idx = in[4];
       const int T = x.shape(0), R = x.shape(1), K = x.shape(2), N = w.shape(1);
       const int64_t E = w.shape(0);
@@ -224,10 +211,6 @@ class GatherQuantizedMatmul : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("[optiq.kernels] gather_quantized_matmul runs on the CPU only");
-  }
-
   // Gradient with respect to x: g @ dequantize(W[idx]).
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>&) override {
@@ -243,14 +226,6 @@ class GatherQuantizedMatmul : public mx::Primitive {
   const char* name() const override {
     return "OptiqGatherQuantizedMatmul";
   }
-
-  bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const GatherQuantizedMatmul&>(other);
-    return bits_ == o.bits_ && gs_ == o.gs_;
-  }
-
- private:
-  int bits_, gs_;
 };
 
 }  // namespace
