@@ -52,6 +52,9 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, Path]:
               help="Mixed-precision KV-cache config (from `optiq kv-cache`).")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
               help="Register a LoRA adapter clients can select by NAME (repeatable).")
+@click.option("--prompt-cache-bytes", default=None, metavar="SIZE",
+              help="Memory for prompt prefixes kept across requests (e.g. 2GiB; 0: off) "
+                   "[1/8 of memory].")
 @click.option("--api-key", envvar="OPTIQ_API_KEY", default=None,
               help="Bearer token required on every RPC except health [env OPTIQ_API_KEY].")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -76,6 +79,7 @@ def serve(
     max_queue: int,
     kv_config: Path | None,
     adapters: tuple[str, ...],
+    prompt_cache_bytes: str | None,
     api_key: str | None,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -96,7 +100,7 @@ def serve(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    from optiq.runtime.config import ServeConfig
+    from optiq.runtime.config import ServeConfig, parse_bytes
     from optiq.runtime.server import serve as run
 
     config = ServeConfig(
@@ -111,6 +115,7 @@ def serve(
         top_p=top_p,
         kv_config=kv_config,
         adapters=parse_adapters(adapters),
+        prompt_cache_bytes=parse_bytes(prompt_cache_bytes) if prompt_cache_bytes else None,
         api_key=api_key or None,
         tls_cert=tls_cert,
         tls_key=tls_key,

@@ -122,7 +122,7 @@ class TokenDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., channel: _Optional[_Union[Channel, str]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "reasoning_tokens", "queue_time_ms", "time_to_first_token_ms", "decode_time_ms", "total_time_ms")
+    __slots__ = ("prompt_tokens", "completion_tokens", "reasoning_tokens", "queue_time_ms", "time_to_first_token_ms", "decode_time_ms", "total_time_ms", "cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REASONING_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class Usage(_message.Message):
     TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     DECODE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     reasoning_tokens: int
@@ -137,7 +138,8 @@ class Usage(_message.Message):
     time_to_first_token_ms: float
     decode_time_ms: float
     total_time_ms: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., queue_time_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., decode_time_ms: _Optional[float] = ..., total_time_ms: _Optional[float] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., queue_time_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., decode_time_ms: _Optional[float] = ..., total_time_ms: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateFinished(_message.Message):
     __slots__ = ("reason", "usage", "stop_sequence", "stop_token_id", "error")
@@ -269,7 +271,7 @@ class DefaultSampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "architecture", "num_layers", "hidden_size", "vocab_size", "context_length", "num_parameters", "quantization", "kv_cache", "adapters", "default_sampling", "default_max_tokens", "max_concurrency", "max_queue", "eos_token_ids", "has_chat_template", "server_version")
+    __slots__ = ("model_id", "architecture", "num_layers", "hidden_size", "vocab_size", "context_length", "num_parameters", "quantization", "kv_cache", "adapters", "default_sampling", "default_max_tokens", "max_concurrency", "max_queue", "eos_token_ids", "has_chat_template", "server_version", "prompt_cache_max_bytes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +289,7 @@ class GetModelInfoResponse(_message.Message):
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     architecture: str
     num_layers: int
@@ -304,14 +307,15 @@ class GetModelInfoResponse(_message.Message):
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     has_chat_template: bool
     server_version: str
-    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., num_parameters: _Optional[int] = ..., quantization: _Optional[_Union[QuantizationInfo, _Mapping]] = ..., kv_cache: _Optional[_Union[KVCacheInfo, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., default_sampling: _Optional[_Union[DefaultSampling, _Mapping]] = ..., default_max_tokens: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., max_queue: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_chat_template: _Optional[bool] = ..., server_version: _Optional[str] = ...) -> None: ...
+    prompt_cache_max_bytes: int
+    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., num_parameters: _Optional[int] = ..., quantization: _Optional[_Union[QuantizationInfo, _Mapping]] = ..., kv_cache: _Optional[_Union[KVCacheInfo, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., default_sampling: _Optional[_Union[DefaultSampling, _Mapping]] = ..., default_max_tokens: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., max_queue: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_chat_template: _Optional[bool] = ..., server_version: _Optional[str] = ..., prompt_cache_max_bytes: _Optional[int] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("active_requests", "queued_requests", "max_concurrency", "max_queue", "requests_total", "requests_cancelled", "requests_rejected", "requests_failed", "generated_tokens_total", "prompt_tokens_total", "decode_steps_total", "uptime_s", "serving")
+    __slots__ = ("active_requests", "queued_requests", "max_concurrency", "max_queue", "requests_total", "requests_cancelled", "requests_rejected", "requests_failed", "generated_tokens_total", "prompt_tokens_total", "decode_steps_total", "uptime_s", "serving", "prompt_cache_lookups", "prompt_cache_hits", "prompt_cache_tokens_total", "prompt_cache_bytes", "prompt_cache_entries", "prompt_cache_evictions")
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +329,12 @@ class GetLoadResponse(_message.Message):
     DECODE_STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     active_requests: int
     queued_requests: int
     max_concurrency: int
@@ -338,4 +348,10 @@ class GetLoadResponse(_message.Message):
     decode_steps_total: int
     uptime_s: float
     serving: bool
-    def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., max_queue: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., requests_failed: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., decode_steps_total: _Optional[int] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ...) -> None: ...
+    prompt_cache_lookups: int
+    prompt_cache_hits: int
+    prompt_cache_tokens_total: int
+    prompt_cache_bytes: int
+    prompt_cache_entries: int
+    prompt_cache_evictions: int
+    def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., max_queue: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., requests_failed: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., decode_steps_total: _Optional[int] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ..., prompt_cache_lookups: _Optional[int] = ..., prompt_cache_hits: _Optional[int] = ..., prompt_cache_tokens_total: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., prompt_cache_entries: _Optional[int] = ..., prompt_cache_evictions: _Optional[int] = ...) -> None: ...

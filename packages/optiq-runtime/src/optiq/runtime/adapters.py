@@ -63,8 +63,12 @@ class AdapterTag:
     def finalize(self) -> None:
         pass
 
+    # Holds no per-token state: trimming (prefix-cache reuse) leaves it as is.
     def is_trimmable(self) -> bool:
-        return False
+        return True
+
+    def trim(self, n: int) -> int:
+        return n
 
     def size(self) -> int:
         return 0

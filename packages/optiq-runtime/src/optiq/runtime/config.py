@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,8 @@ class ServeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     shutdown_grace: float = 30.0
     prefill_step_size: int = 512
+    # Prefix-cache budget in bytes (None: a fraction of memory; 0: no prefix cache).
+    prompt_cache_bytes: int | None = None
 
     def check(self) -> None:
         """Refuse unsafe or inconsistent settings before anything is loaded."""
@@ -107,6 +110,8 @@ class ServeConfig:
             raise ConfigError("--max-queue must be >= 0")
         if self.max_context is not None and self.max_context < 2:
             raise ConfigError("--max-context must be at least 2 (one prompt + one new token)")
+        if self.prompt_cache_bytes is not None and self.prompt_cache_bytes < 0:
+            raise ConfigError("--prompt-cache-bytes must be >= 0 (0 turns the prefix cache off)")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError("--max-tokens must be at least 1")
         if self.temperature is not None and self.temperature < 0:
@@ -127,6 +132,20 @@ class ServeConfig:
         if self.top_p is not None:
             kw["top_p"] = self.top_p
         return replace(d, **kw)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
+          "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """``"2GiB"``, ``"512MB"``, ``"1.5g"``, ``"0"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ConfigError(f"'{text}' is not a size (examples: 0, 512MiB, 2GB, 1.5GiB)")
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def api_key_from_env() -> str | None:

@@ -8,10 +8,17 @@ request out of the running batch before the next decode step.
 
 Admission: at most ``max_concurrency`` requests hold a batch slot; up to ``max_queue``
 more wait. Beyond that ``submit`` raises :class:`QueueFull` (RESOURCE_EXHAUSTED).
+
+Prefix cache (:mod:`optiq.runtime.prefix_cache`): a request starts from a copy of the
+cache of the longest cached prefix of its prompt and prefills only the rest. The engine
+stores a request's cache twice: after its prompt minus the last token (a snapshot; the
+only reusable point of a recurrent model for a retry or for concurrent requests with
+the same prompt) and when it ends (prompt + answer: the next turn of a chat extends it).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
@@ -24,6 +31,7 @@ from optiq.core.errors import OptiQError
 
 from .modelinfo import ModelSummary
 from .output import OutputProcessor
+from .prefix_cache import PrefixCache, default_max_bytes
 from .types import (
     CANCELLED,
     EOS,
@@ -128,6 +136,8 @@ class _State:
     first: float | None = None
     last: float | None = None
     done: bool = False
+    cache: list | None = None  # from the prefix cache (or fresh), until inserted in the batch
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
 
 
 @dataclass
@@ -141,6 +151,12 @@ class EngineStats:
     generated_tokens: int = 0
     prompt_tokens: int = 0
     decode_steps: int = 0
+    prompt_cache_lookups: int = 0
+    prompt_cache_hits: int = 0
+    prompt_cache_tokens: int = 0  # prompt tokens reused instead of prefilled
+    prompt_cache_bytes: int = 0
+    prompt_cache_entries: int = 0
+    prompt_cache_evictions: int = 0
 
 
 class Engine:
@@ -154,7 +170,10 @@ class Engine:
         max_concurrency: int = 8,
         max_queue: int = 64,
         prefill_step_size: int = 512,
+        prompt_cache_bytes: int | None = None,
     ):
+        """``prompt_cache_bytes``: budget of the prefix cache (None: a fraction of the
+        machine's memory, :func:`optiq.runtime.prefix_cache.default_max_bytes`; 0: off)."""
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         if max_queue < 0:
@@ -163,6 +182,12 @@ class Engine:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.prefill_step_size = prefill_step_size
+        if prompt_cache_bytes is not None and prompt_cache_bytes < 0:
+            raise ValueError("prompt_cache_bytes must be >= 0")
+        self.prompt_cache_bytes = (
+            default_max_bytes() if prompt_cache_bytes is None else int(prompt_cache_bytes)
+        )
+        self._prefix: PrefixCache | None = None  # engine thread only
         self.tokenizer_lock = threading.Lock()
         self.loaded: LoadedEngineModel | None = None
         self.load_error: BaseException | None = None
@@ -346,6 +371,7 @@ class Engine:
         self._lm = lm
         self._stop_sets: dict[frozenset[int], Any] = {}
         self._StopSequences = StopSequences
+        self._prefix = PrefixCache(self.prompt_cache_bytes) if self.prompt_cache_bytes else None
         bg = self._new_generator(lm)
         waiting: deque[_State] = deque()
         running: dict[int, _State] = {}  # uid -> state
@@ -373,7 +399,7 @@ class Engine:
                     if st is None or st.done:
                         continue
                     if st.uid is not None:
-                        bg.remove([st.uid])
+                        self._remove(bg, [st])
                         running.pop(st.uid, None)
                     else:
                         waiting.remove(st)
@@ -395,12 +421,15 @@ class Engine:
             admit = []
             while waiting and len(running) + len(admit) < self.max_concurrency:
                 admit.append(waiting.popleft())
-            # A lone short prompt is prefilled here and its first token sent at once (the
-            # batch path needs one more engine step before the first token); several new
-            # prompts are prefilled together by BatchGenerator.
-            fast = len(admit) == 1 and len(admit[0].handle.request.prompt_tokens) <= self.prefill_step_size
             for st in admit:
                 try:
+                    self._lookup(st)
+                    # A lone short prompt (what is left after the cached prefix) is
+                    # prefilled here and its first token sent at once (the batch path
+                    # needs one more engine step before the first token); several new
+                    # prompts are prefilled together by BatchGenerator.
+                    rest = len(st.handle.request.prompt_tokens) - st.cached_tokens
+                    fast = len(admit) == 1 and rest <= self.prefill_step_size
                     if self._admit(bg, st, first_token_now=fast, by_handle=by_handle):
                         running[st.uid] = st
                 except Exception as e:  # e.g. a cache factory that fails for this input
@@ -414,7 +443,8 @@ class Engine:
                 continue
 
             try:
-                _, responses = bg.next()
+                prompt_responses, responses = bg.next()
+                self._snapshot(bg, prompt_responses, running)
             except Exception as e:
                 log.exception("generation step failed; failing %d requests", len(running))
                 for st in running.values():
@@ -429,6 +459,7 @@ class Engine:
                     self.stats.decode_steps += 1
                     self.stats.generated_tokens += len(responses)
             remove = []
+            states = [running[r.uid] for r in responses if r.uid in running]
             now = time.perf_counter()
             for r in responses:
                 st = running.get(r.uid)
@@ -446,8 +477,10 @@ class Engine:
                     running.pop(r.uid, None)
                     if r.finish_reason is None and st.out is not None and st.out.stopped:
                         remove.append(r.uid)
+                if r.finish_reason is not None and r.prompt_cache is not None:
+                    self._keep(st.handle.request, r.all_tokens, r.prompt_cache)
             if remove:
-                bg.remove(remove)
+                self._remove(bg, [st for st in states if st.uid in set(remove)])
 
     def _stop_sequences(self, req: GenerationRequest) -> Any:
         key = self._stop_id_set(req)
@@ -479,14 +512,11 @@ class Engine:
         sampler = make_sampler(req.sampling, lm.summary.vocab_size)
         processors = make_processors(req.sampling)
         stops = self._stop_sequences(req)
-        cache = lm.make_cache(req.adapter) if lm.make_cache else None
-        prompt, all_tokens = req.prompt_tokens, None
+        cache, reused = st.cache, st.cached_tokens
+        st.cache = None  # the batch (or the prefix cache) owns it from here
+        prompt, all_tokens = req.prompt_tokens[reused:], [list(req.prompt_tokens[:reused])]
         if first_token_now:
-            if cache is None:
-                from mlx_lm.models.cache import make_prompt_cache
-
-                cache = make_prompt_cache(lm.model)
-            token, row = self._first_token(bg, req.prompt_tokens, cache, sampler, processors)
+            token, row = self._first_token(bg, req, reused, cache, sampler, processors)
             stop_ids = self._stop_id_set(req)
             reason = "stop" if token in stop_ids else "length" if max_tokens == 1 else None
             with self._lock:
@@ -497,12 +527,13 @@ class Engine:
             # bookkeeping below (up to a GIL switch interval later)
             time.sleep(0)
             if ended:
+                self._keep(req, req.prompt_tokens, cache)
                 return False
             prompt, all_tokens, max_tokens = [token], [list(req.prompt_tokens)], max_tokens - 1
         (st.uid,) = bg.insert(
             [prompt],
             max_tokens=[max_tokens],
-            caches=[cache] if cache is not None else None,
+            caches=[cache],
             all_tokens=all_tokens,
             samplers=[sampler],
             logits_processors=[processors],
@@ -510,21 +541,86 @@ class Engine:
         )
         return True
 
-    def _first_token(self, bg: Any, prompt: list[int], cache: list, sampler: Any,
-                     processors: list) -> tuple[int, Any]:
-        """Prefill ``prompt`` into ``cache`` and sample the first token, exactly as the
-        batch would (same processors, sampler and stream)."""
+    def _first_token(self, bg: Any, req: GenerationRequest, reused: int, cache: list,
+                     sampler: Any, processors: list) -> tuple[int, Any]:
+        """Prefill the prompt after its first ``reused`` tokens (already in ``cache``)
+        and sample the first token, exactly as the batch would (same processors,
+        sampler and stream). Like the batch, it snapshots the cache before the last
+        prompt token for the prefix cache."""
         import mlx.core as mx
 
+        prompt = req.prompt_tokens
         with mx.stream(bg.stream):
+            head = prompt[reused:-1]
+            if head:
+                self._lm.model(mx.array(head)[None], cache=cache)
+                mx.eval([c.state for c in cache])
+                if self._prefix is not None:
+                    self._keep(req, prompt[:-1], copy.deepcopy(cache))
             tokens = mx.array(prompt)
-            logits = self._lm.model(tokens[None], cache=cache)[:, -1, :]
+            logits = self._lm.model(tokens[None, -1:], cache=cache)[:, -1, :]
             for p in processors:
                 logits = p(tokens, logits)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             y = sampler(logprobs) if sampler is not None else mx.argmax(logprobs, axis=-1)
             mx.eval(y, logprobs)
         return int(y.item()), logprobs[0]
+
+    # ------------------------------------------------------------- prefix cache
+    def _lookup(self, st: _State) -> None:
+        """Give ``st`` its starting cache: a copy of the longest cached prefix of its
+        prompt, or a fresh one."""
+        lm, req = self._lm, st.handle.request
+        cache, reused = (
+            self._prefix.fetch(req.adapter, req.prompt_tokens) if self._prefix is not None else (None, 0)
+        )
+        if cache is None:
+            if lm.make_cache is not None:
+                cache = lm.make_cache(req.adapter)
+            else:
+                from mlx_lm.models.cache import make_prompt_cache
+
+                cache = make_prompt_cache(lm.model)
+        st.cache, st.cached_tokens = cache, reused
+        self._cache_stats()
+
+    def _keep(self, req: GenerationRequest, tokens: list[int], cache: list) -> None:
+        """Offer ``cache`` (holding exactly ``tokens``, owned by nobody else) to the
+        prefix cache."""
+        if self._prefix is None or cache is None:
+            return
+        self._prefix.insert(req.adapter, list(tokens), cache)
+        self._cache_stats()
+
+    def _snapshot(self, bg: Any, prompt_responses: list, running: dict[int, _State]) -> None:
+        """Keep the cache of every request whose prompt (all but its last token) the
+        batch has just prefilled."""
+        if self._prefix is None:
+            return
+        done = [r.uid for r in prompt_responses
+                if r.end_of_segment and not r.end_of_prompt and r.uid in running]
+        if done:
+            for uid, (cache, tokens) in bg.extract_cache(done).items():
+                self._keep(running[uid].handle.request, tokens, cache)
+
+    def _remove(self, bg: Any, states: list[_State]) -> None:
+        """Take requests out of the batch; what they computed goes to the prefix cache."""
+        uids = [st.uid for st in states]
+        caches = bg.remove(uids, return_prompt_caches=self._prefix is not None)
+        for st in states:
+            if st.uid in caches:
+                cache, tokens = caches[st.uid]
+                self._keep(st.handle.request, tokens, cache)
+
+    def _cache_stats(self) -> None:
+        if self._prefix is None:
+            return
+        p = self._prefix.stats
+        with self._lock:
+            s = self.stats
+            s.prompt_cache_lookups, s.prompt_cache_hits = p.lookups, p.hits
+            s.prompt_cache_tokens, s.prompt_cache_bytes = p.tokens_reused, p.nbytes
+            s.prompt_cache_entries, s.prompt_cache_evictions = p.entries, p.evictions
 
     def _stop_id_set(self, req: GenerationRequest) -> frozenset[int]:
         ids = set(req.stop_token_ids)
@@ -581,6 +677,7 @@ class Engine:
         h = st.handle
         usage = Usage(
             prompt_tokens=len(h.request.prompt_tokens),
+            cached_tokens=st.cached_tokens,
             completion_tokens=st.out.completion_tokens if st.out else 0,
             reasoning_tokens=st.out.reasoning_tokens if st.out else 0,
             queue_time_ms=((st.admitted or end) - h.received) * 1e3,

@@ -69,6 +69,7 @@ class GenerationServer:
             max_concurrency=config.max_concurrency,
             max_queue=config.max_queue,
             prefill_step_size=config.prefill_step_size,
+            prompt_cache_bytes=config.prompt_cache_bytes,
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._set_health(NOT_SERVING)

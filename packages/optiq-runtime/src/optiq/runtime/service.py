@@ -228,6 +228,7 @@ def finished_pb(f: Finished) -> pb.GenerateFinished:
         reason=_REASONS[f.reason],
         usage=pb.Usage(
             prompt_tokens=u.prompt_tokens,
+            cached_tokens=u.cached_tokens,
             completion_tokens=u.completion_tokens,
             reasoning_tokens=u.reasoning_tokens,
             queue_time_ms=u.queue_time_ms,
@@ -362,6 +363,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             eos_token_ids=s.eos_token_ids,
             has_chat_template=s.has_chat_template,
             server_version=self.version,
+            prompt_cache_max_bytes=self.engine.prompt_cache_bytes,
         )
 
     def GetLoad(self, request: pb.GetLoadRequest, context: grpc.ServicerContext
@@ -381,4 +383,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             decode_steps_total=st.decode_steps,
             uptime_s=time.time() - self.engine.started_at,
             serving=self.engine.serving,
+            prompt_cache_lookups=st.prompt_cache_lookups,
+            prompt_cache_hits=st.prompt_cache_hits,
+            prompt_cache_tokens_total=st.prompt_cache_tokens,
+            prompt_cache_bytes=st.prompt_cache_bytes,
+            prompt_cache_entries=st.prompt_cache_entries,
+            prompt_cache_evictions=st.prompt_cache_evictions,
         )

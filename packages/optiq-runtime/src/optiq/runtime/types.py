@@ -74,6 +74,8 @@ class Delta:
 @dataclass
 class Usage:
     prompt_tokens: int = 0
+    # Of prompt_tokens, those reused from the prefix cache (not prefilled again).
+    cached_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     queue_time_ms: float = 0.0
