@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from optiq.core.model_io import resolve_model_path
     from optiq.runtime.client import Client
-    from optiq.runtime.testing import ServerProcess, soak
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from serving import ServerProcess, soak  # the test suite's server harness
 
     model_dir = resolve_model_path(args.model)
     levels = [int(x) for x in args.concurrency.split(",")]

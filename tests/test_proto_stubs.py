@@ -34,7 +34,7 @@ def test_stubs_import_without_mlx():
         "print(pb.DESCRIPTOR.package)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "optiq.v1"

@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from optiq.runtime.client import Client
-from optiq.runtime.testing import ServerProcess, soak
+from serving import HANG_S, ServerProcess, soak, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_soak_stays_healthy_and_flat(bundled_model_dir):
     model = str(bundled_model_dir)
     with ServerProcess("--max-concurrency", "8", "--max-queue", "64", model=model) as srv:
         with Client(srv.target) as c:
-            c.wait_serving(60)
+            c.wait_serving(HANG_S)
             soak(c, n=30, concurrency=8, seed=1)  # warm-up: caches, allocator, JIT
             rss0 = srv.rss_bytes()
             t0 = time.monotonic()
@@ -30,10 +30,11 @@ def test_soak_stays_healthy_and_flat(bundled_model_dir):
             elapsed = time.monotonic() - t0
             rss1 = srv.rss_bytes()
             # the last cancels/deadlines reach the engine a moment after the client returns
-            deadline = time.monotonic() + 3
-            while (load := c.load()).active_requests or load.queued_requests:
-                assert time.monotonic() < deadline, f"slots not freed after the soak: {load}"
-                time.sleep(0.02)
+            def idle():
+                ld = c.load()
+                return None if (ld.active_requests or ld.queued_requests) else ld
+
+            load = wait_until(idle, "slots freed after the soak")
             assert c.health() == health_pb2.HealthCheckResponse.SERVING
     assert sum(outcomes.values()) == 500
     assert "invalid-accepted" not in outcomes

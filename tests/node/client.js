@@ -100,7 +100,7 @@ async function main() {
     2
   );
   if (cancelled.code !== grpc.status.CANCELLED) fail("cancel ended with code " + cancelled.code);
-  const after = await waitIdle(3000);
+  const after = await waitIdle(300000); // a hang guard only: it waits on the reported load
   if (Number(after.requests_cancelled) <= Number(before.requests_cancelled))
     fail("server did not count the cancel");
 

@@ -1,4 +1,7 @@
-"""Run ``optiq serve`` in a child process (integration tests, benchmarks).
+"""Run ``optiq serve`` in a child process (integration tests, benchmarks/serve.py).
+
+Lives with the tests, not in optiq-runtime: it starts the CLI (``python -m
+optiq.cli.main``), which the runtime package does not depend on.
 
     with ServerProcess("--max-concurrency", "4") as srv:
         client = Client(srv.target)
@@ -19,6 +22,22 @@ import time
 from typing import Any
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
+# Only a hang guard for waits on events: never reached on a merely slow machine.
+HANG_S = 300.0
+
+
+def wait_until(predicate: Any, what: str, hang_s: float = HANG_S) -> Any:
+    """Poll ``predicate()`` until it returns something truthy and return that.
+
+    Tests wait on states the server reports (GetLoad, health), never on a fixed time;
+    ``hang_s`` only turns a real hang into a failure that says what never happened.
+    """
+    give_up = time.monotonic() + hang_s
+    while not (value := predicate()):
+        if time.monotonic() > give_up:
+            raise AssertionError(f"after {hang_s:.0f} s still waiting for {what}")
+        time.sleep(0.02)
+    return value
 
 
 class ServerProcess:
