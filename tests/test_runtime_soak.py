@@ -16,11 +16,15 @@ pytestmark = pytest.mark.slow
 
 # Resident-memory growth allowed between the warm-up and the end of the soak.
 RSS_BOUND_MB = 48
+# The prefix cache holds memory by design: capped here. Its resident cost measured ~2x its
+# counted bytes on this soak (allocation granularity; see issue 14), hence the factor 2.
+CACHE_CAP_MB = 32
 
 
 def test_soak_stays_healthy_and_flat(bundled_model_dir):
     model = str(bundled_model_dir)
-    with ServerProcess("--max-concurrency", "8", "--max-queue", "64", model=model) as srv:
+    with ServerProcess("--max-concurrency", "8", "--max-queue", "64",
+                       "--prompt-cache-bytes", f"{CACHE_CAP_MB}MiB", model=model) as srv:
         with Client(srv.target) as c:
             c.wait_serving(HANG_S)
             soak(c, n=30, concurrency=8, seed=1)  # warm-up: caches, allocator, JIT
@@ -43,4 +47,6 @@ def test_soak_stays_healthy_and_flat(bundled_model_dir):
     assert load.active_requests == 0 and load.queued_requests == 0
     growth = (rss1 - rss0) / 2**20
     print(f"soak: {outcomes} in {elapsed:.1f} s; RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB")
-    assert growth < RSS_BOUND_MB, f"server RSS grew {growth:.1f} MiB over 500 requests"
+    assert load.prompt_cache_bytes <= CACHE_CAP_MB * 2**20
+    assert load.prompt_cache_hits > 0  # repeated prompts in the soak reuse cached prefixes
+    assert growth < RSS_BOUND_MB + 2 * CACHE_CAP_MB, f"server RSS grew {growth:.1f} MiB over 500 requests"
