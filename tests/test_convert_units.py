@@ -257,3 +257,40 @@ def test_reference_and_estimate_equals_separate_passes(bundled_model_dir):
         assert set(r.kl) == set(est2[p].kl) == {4, 8} and est2[p].measured == []
         assert est2[p].kl[4] > 0 and est2[p].kl[8] <= est2[p].kl[4]
         assert est2[p].kl[4] == pytest.approx(r.kl[4], rel=1e-3, abs=1e-12)  # same seed, same probes
+
+
+@pytest.mark.parametrize("method", ["clip", "rtn"])
+def test_chunked_rounding_equals_one_call(monkeypatch, method):
+    """Static convert rounds big weights chunk by chunk along axis 0: same codes and scales."""
+    import mlx.core as mx
+
+    from optiq.core.quant import source
+    from optiq.core.quant.rounding import quantize_in_chunks
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((37, 128)).astype(np.float32)
+    monkeypatch.setattr(source, "CHUNK_ELEMENTS", 128 * 2 * 5)  # 5 rows per chunk at two widths
+    assert len(list(source.chunks_along_first_axis(w.shape, 2))) == 8
+    whole = quantize_weight(w, (3, 4), 64, mx.bfloat16, method, None)
+    chunked = quantize_in_chunks(w, (3, 4), 64, mx.bfloat16, method)
+    for b in (3, 4):
+        np.testing.assert_array_equal(whole[b].codes, chunked[b].codes)
+        np.testing.assert_array_equal(whole[b].scales, chunked[b].scales)
+        np.testing.assert_array_equal(whole[b].biases, chunked[b].biases)
+
+
+def test_weight_source_matches_the_loaded_model():
+    """Fresh lazy weights (what static convert reads) equal what mlx_lm.load gives."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from optiq.core.model_io import bundled_model_path, load_model
+    from optiq.core.quant.source import WeightSource, take_fp32
+
+    lm = load_model(None, fast_cpu=False, lazy=True)
+    fresh = WeightSource(bundled_model_path(), lm.model).fresh()
+    params = dict(tree_flatten(lm.model.parameters()))
+    assert set(fresh) == set(params)
+    name = next(k for k in params if k.endswith("mlp.down_proj.weight"))
+    np.testing.assert_array_equal(take_fp32(fresh, name), np.asarray(params[name].astype(mx.float32)))
+    assert name not in fresh  # taken: the caller's copy is the only one

@@ -36,7 +36,8 @@ from .calibration import (
     load_records,
 )
 from .formats import DTYPE_BITS, check_group_size, dtype_name, parse_bits
-from .rounding import ROUNDING_METHODS, Quantized
+from .rounding import ROUNDING_METHODS, Quantized, quantize_in_chunks
+from .source import WeightSource, take_fp32
 from .fisher import ESTIMATE_ROUNDING
 from .sensitivity import (
     MEASURE_FLOOR,
@@ -250,12 +251,15 @@ def convert(
     warnings: list[str] = []
 
     t0 = time.time()
-    loaded = load_model(path, fast_cpu=False)
+    # static streams: the model stays lazy and each weight is read once per stage
+    # (source.WeightSource); measuring still holds the whole model in fp32.
+    loaded = load_model(path, fast_cpu=False, lazy=method == "static")
     model, tokenizer = loaded.model, loaded.tokenizer
     dtypes = param_dtypes(model)
     out_dtype = _source_dtype(config, dtypes)
     scale_bits = DTYPE_BITS[dtype_name(out_dtype)]
-    cast_floats(model, mx.float32)
+    if method != "static":
+        cast_floats(model, mx.float32)
     seconds["load"] = time.time() - t0
 
     targets = find_targets(model, group_size)
@@ -345,9 +349,7 @@ def convert(
         from .static import static_priors
 
         t0 = time.time()
-        weights = {t.path: np.asarray(get_module(model, t.path)["weight"].astype(mx.float32)) for t in active}
-        kl_of = static_priors(weights, active, bits, out_dtype, len(getattr(model, "layers", [])))
-        del weights
+        kl_of = static_priors(WeightSource(path, model).fresh(), active, bits, out_dtype, len(getattr(model, "layers", [])))
         seconds["sensitivity"] = time.time() - t0
 
     # ---------------------------------------------------------------- allocate
@@ -375,11 +377,20 @@ def convert(
 
     # ---------------------------------------------------------------- write
     t0 = time.time()
-    chosen = quantize_targets(model, active, {t.path: (alloc.bits[t.path],) for t in active}, out_dtype, rounding, ref)
-    quantized: dict[str, Quantized] = {p: q[alloc.bits[p]] for p, q in chosen.items()}
-    del chosen
+    if method == "static":  # one weight at a time, read fresh, rounded in chunks
+        fresh = WeightSource(path, model).fresh()
+        for t in active:
+            b = alloc.bits[t.path]
+            w = take_fp32(fresh, f"{t.path}.weight")
+            apply_quantization(model, {t.path: quantize_in_chunks(w, (b,), t.group_size, out_dtype, rounding)[b]}, out_dtype)
+            del w
+        del fresh
+    else:
+        chosen = quantize_targets(model, active, {t.path: (alloc.bits[t.path],) for t in active}, out_dtype, rounding, ref)
+        quantized: dict[str, Quantized] = {p: q[alloc.bits[p]] for p, q in chosen.items()}
+        del chosen
+        apply_quantization(model, quantized, out_dtype)
     del ref
-    apply_quantization(model, quantized, out_dtype)
     restore_dtypes(model, dtypes)
     mx.eval(model.parameters())
     effective = float(compute_bits_per_weight(model))

@@ -327,3 +327,33 @@ def quantize_rows(
         out.append(Quantized(codes[sl], s[sl], b_[sl], bits=bits, group_size=group_size))
         start += w.shape[0]
     return out
+
+
+def quantize_in_chunks(
+    w: np.ndarray,
+    bits_list: list[int] | tuple[int, ...],
+    group_size: int,
+    dtype: mx.Dtype,
+    method: str,
+) -> dict[int, Quantized]:
+    """:func:`quantize_weight` without a Hessian, chunk by chunk along axis 0.
+
+    Rows (and experts) round independently without a Hessian, so the result equals one
+    call's, with temporaries bounded by the chunk (see ``source.chunks_along_first_axis``).
+    """
+    from .source import chunks_along_first_axis
+
+    parts: dict[int, list[Quantized]] = {b: [] for b in bits_list}
+    for sl in chunks_along_first_axis(w.shape, len(bits_list)):
+        for b, q in quantize_weight(w[sl], bits_list, group_size, dtype, method, None).items():
+            parts[b].append(q)
+    return {
+        b: Quantized(
+            np.concatenate([q.codes for q in qs]),
+            np.concatenate([q.scales for q in qs]),
+            np.concatenate([q.biases for q in qs]),
+            bits=b,
+            group_size=group_size,
+        )
+        for b, qs in parts.items()
+    }

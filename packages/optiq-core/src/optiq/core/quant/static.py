@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from .rounding import quantize_weight
+from .source import chunks_along_first_axis, take_fp32
 from .targets import Target
 
 ROLE_WEIGHTS: tuple[tuple[str, float], ...] = (
@@ -50,26 +51,34 @@ def position_weight(t: Target, n_layers: int) -> float:
 
 
 def static_priors(
-    weights: dict[str, np.ndarray],
+    weights: dict[str, mx.array],
     targets: list[Target],
     candidate_bits: tuple[int, ...],
     out_dtype: mx.Dtype,
     n_layers: int,
 ) -> dict[str, dict[int, float]]:
-    """Predicted-KL stand-ins for every quantizable leaf and candidate width."""
+    """Predicted-KL stand-ins for every quantizable leaf and candidate width.
+
+    ``weights`` is a fresh lazy dictionary (:class:`.source.WeightSource`): each leaf's
+    weight is read, measured chunk by chunk along its first axis and dropped, so memory
+    holds one weight at a time, never the model.
+    """
     out = {}
     for t in targets:
         if not t.quantizable:
             continue
-        w = weights[t.path]
+        w = take_fp32(weights, f"{t.path}.weight")
         bits = (t.pinned["bits"],) if t.pinned else candidate_bits
-        qs = quantize_weight(w, bits, t.group_size, out_dtype, "clip", None)
-        norm = float((w.astype(np.float64) ** 2).sum()) or 1.0
+        err = dict.fromkeys(bits, 0.0)
+        norm = 0.0
+        for sl in chunks_along_first_axis(w.shape, len(bits)):
+            wc = w[sl]
+            norm += float((wc.astype(np.float64) ** 2).sum())
+            for b, q in quantize_weight(wc, bits, t.group_size, out_dtype, "clip", None).items():
+                err[b] += float(((wc - q.dequantize()).astype(np.float64) ** 2).sum())
+        del w
         scale = role_weight(t) * position_weight(t, n_layers)
-        out[t.path] = {
-            b: scale * float(((w - q.dequantize()).astype(np.float64) ** 2).sum()) / norm
-            for b, q in qs.items()
-        }
+        out[t.path] = {b: scale * e / (norm or 1.0) for b, e in err.items()}
     return out
 
 
