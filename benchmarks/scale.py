@@ -1,0 +1,152 @@
+"""Convert at real Qwen3.5 shapes: wall time and peak RSS beside ``mlx_lm.convert``.
+
+Builds a random-weight model of a real shape in a work directory (kept for reruns),
+then runs each row as its own process and samples the resident memory of its whole
+process tree (sum of VmRSS over the process and its descendants) every 0.1 s. A row
+that passes ``--cap-gb`` is killed before the kernel's OOM killer would be, and
+reported as such. Random weights make quality meaningless here; cost is real.
+
+    uv run python benchmarks/scale.py                       # 0.8B shape: mlx_lm, optiq static
+    uv run python benchmarks/scale.py --shape 4b --rows mlx_lm,static
+    uv run python benchmarks/scale.py --rows default        # optiq's default convert
+
+Rows: ``mlx_lm`` (``mlx_lm.convert -q``), ``static`` (``optiq convert --method
+static``), ``default`` (``optiq convert --target-bpw 4.5``), ``bits48`` (the default
+with ``--candidate-bits 4,8``). The default convert does not stream yet (issue 11):
+it holds the whole model in fp32 and is expected to hit the cap at these shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    # the smallest real Qwen3.5 shape: 752M parameters, 1.5 GB bf16
+    "0.8b": dict(hidden_size=1024, num_hidden_layers=24, intermediate_size=3584,
+                 num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+                 linear_num_key_heads=16, linear_num_value_heads=16),
+    # a 4B-class shape: ~4B parameters, ~8 GB bf16
+    "4b": dict(hidden_size=2560, num_hidden_layers=32, intermediate_size=9216,
+               num_attention_heads=16, num_key_value_heads=4, head_dim=256,
+               linear_num_key_heads=16, linear_num_value_heads=32),
+}
+COMMON = dict(model_type="qwen3_5", vocab_size=248320, tie_word_embeddings=True,
+              full_attention_interval=4, linear_key_head_dim=128, linear_value_head_dim=128,
+              linear_conv_kernel_dim=4, rms_norm_eps=1e-6, max_position_embeddings=32768,
+              attention_bias=False, hidden_act="silu",
+              rope_parameters=dict(rope_type="default", rope_theta=10_000_000.0, partial_rotary_factor=0.25),
+              torch_dtype="bfloat16", dtype="bfloat16")
+
+
+def build(shape: str, out: Path) -> Path:
+    """A random-weight model of ``shape`` in bf16 (built in bf16: never the fp32 model)."""
+    if (out / "config.json").exists():
+        return out
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_map_with_path
+    from mlx_lm.utils import _get_classes, save_config, save_model
+
+    from optiq.core.model_io import bundled_model_path
+    from optiq.core.tiny_models import copy_tokenizer_files, layer_types
+
+    cfg = {**COMMON, **SHAPES[shape]}
+    cfg["layer_types"] = layer_types(cfg)
+    model_class, args_class = _get_classes(json.loads(json.dumps(cfg)))
+    mx.random.seed(0)
+    model = model_class(args_class.from_dict(json.loads(json.dumps(cfg))))
+
+    def init(path, v):
+        if path.endswith("A_log"):
+            return v.astype(mx.float32)
+        if v.ndim >= 2:
+            return (mx.random.normal(v.shape) * v.shape[-1] ** -0.5).astype(mx.bfloat16)
+        return v.astype(mx.bfloat16)
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.update(tree_map_with_path(init, model.parameters()))
+    save_model(tmp, model)  # evaluates shard by shard
+    save_config(cfg, config_path=tmp / "config.json")
+    copy_tokenizer_files(bundled_model_path(), tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and all its descendants (processes, not threads)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def run(cmd: list[str], cap: int, log: Path) -> dict:
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        peak, killed = 0, False
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(proc.pid))
+            if peak > cap:
+                proc.kill()
+                killed = True
+                break
+            time.sleep(0.1)
+        rc = proc.wait()
+    return dict(seconds=time.monotonic() - t0, peak=peak, rc=rc, killed=killed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="0.8b")
+    ap.add_argument("--rows", default="mlx_lm,static")
+    ap.add_argument("--workdir", type=Path, default=Path("runs/scale"))
+    ap.add_argument("--cap-gb", type=float, default=20.0)
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    model = args.workdir / f"qwen3_5-{args.shape}"
+    if args.build_only:
+        build(args.shape, model)
+        return
+    # built in a child process, so this process stays small while rows run
+    subprocess.run([sys.executable, __file__, "--shape", args.shape, "--workdir", str(args.workdir),
+                    "--build-only"], check=True)
+    print(f"model: {model} (built or reused in {time.monotonic() - t0:.0f} s)")
+    optiq = [sys.executable, "-m", "optiq.cli.main", "convert", str(model)]
+    rows = {
+        "mlx_lm": [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(model), "-q"],
+        "static": optiq + ["--method", "static", "--target-bpw", "4.5"],
+        "default": optiq + ["--target-bpw", "4.5"],
+        "bits48": optiq + ["--target-bpw", "4.5", "--candidate-bits", "4,8"],
+    }
+    print(f"\n| {args.shape} shape | wall s | peak RSS GB | result |\n| --- | --- | --- | --- |")
+    for name in args.rows.split(","):
+        out = args.workdir / f"out-{args.shape}-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = rows[name] + (["--mlx-path", str(out)] if name == "mlx_lm" else ["-o", str(out), "--force"])
+        r = run(cmd, int(args.cap_gb * 2**30), args.workdir / f"{args.shape}-{name}.log")
+        what = f"killed at the {args.cap_gb:g} GB cap" if r["killed"] else ("ok" if r["rc"] == 0 else f"exit {r['rc']}")
+        print(f"| {name} | {r['seconds']:.1f} | {r['peak'] / 2**30:.2f} | {what} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
