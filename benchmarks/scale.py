@@ -50,7 +50,6 @@ def build(shape: str, out: Path) -> Path:
     if (out / "config.json").exists():
         return out
     import mlx.core as mx
-    import mlx.nn as nn
     from mlx.utils import tree_map_with_path
     from mlx_lm.utils import _get_classes, save_config, save_model
 
@@ -90,8 +89,9 @@ def tree_rss(pid: int) -> int:
                 for line in f:
                     if line.startswith("VmRSS:"):
                         total += int(line.split()[1]) * 1024
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                todo += [int(c) for c in f.read().split()]
+            for task in os.listdir(f"/proc/{p}/task"):  # children of every thread
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total

@@ -48,7 +48,7 @@ from .sensitivity import (
     measure_sensitivities,
     quantize_targets,
 )
-from .targets import Target, find_targets, get_module
+from .targets import Target, find_targets
 
 METHODS = ("optiq", "static")
 ESTIMATORS = ("fisher", "measured")
