@@ -28,6 +28,7 @@ by stacking copies of the weight along the rows (``bits`` may be a per-row array
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -329,6 +330,26 @@ def quantize_rows(
     return out
 
 
+def quantize_chunks(
+    w: np.ndarray,
+    bits_list: list[int] | tuple[int, ...],
+    group_size: int,
+    dtype: mx.Dtype,
+    method: str,
+) -> Iterator[tuple[np.ndarray, dict[int, Quantized]]]:
+    """:func:`quantize_weight` without a Hessian, chunk by chunk along axis 0: yields
+    ``(chunk of w, {bits: Quantized of that chunk})``.
+
+    Rows (and experts) round independently without a Hessian, so the chunks together
+    equal one call's result, with temporaries bounded by the chunk
+    (see ``source.chunks_along_first_axis``).
+    """
+    from .source import chunks_along_first_axis
+
+    for sl in chunks_along_first_axis(w.shape, len(bits_list)):
+        yield w[sl], quantize_weight(w[sl], bits_list, group_size, dtype, method, None)
+
+
 def quantize_in_chunks(
     w: np.ndarray,
     bits_list: list[int] | tuple[int, ...],
@@ -336,16 +357,10 @@ def quantize_in_chunks(
     dtype: mx.Dtype,
     method: str,
 ) -> dict[int, Quantized]:
-    """:func:`quantize_weight` without a Hessian, chunk by chunk along axis 0.
-
-    Rows (and experts) round independently without a Hessian, so the result equals one
-    call's, with temporaries bounded by the chunk (see ``source.chunks_along_first_axis``).
-    """
-    from .source import chunks_along_first_axis
-
+    """The whole of :func:`quantize_chunks`, concatenated: equals one :func:`quantize_weight` call."""
     parts: dict[int, list[Quantized]] = {b: [] for b in bits_list}
-    for sl in chunks_along_first_axis(w.shape, len(bits_list)):
-        for b, q in quantize_weight(w[sl], bits_list, group_size, dtype, method, None).items():
+    for _, qs in quantize_chunks(w, bits_list, group_size, dtype, method):
+        for b, q in qs.items():
             parts[b].append(q)
     return {
         b: Quantized(

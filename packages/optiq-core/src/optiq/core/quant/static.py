@@ -18,8 +18,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .rounding import quantize_weight
-from .source import chunks_along_first_axis, take_fp32
+from .rounding import quantize_chunks
+from .source import take_fp32
 from .targets import Target
 
 ROLE_WEIGHTS: tuple[tuple[str, float], ...] = (
@@ -71,10 +71,9 @@ def static_priors(
         bits = (t.pinned["bits"],) if t.pinned else candidate_bits
         err = dict.fromkeys(bits, 0.0)
         norm = 0.0
-        for sl in chunks_along_first_axis(w.shape, len(bits)):
-            wc = w[sl]
+        for wc, qs in quantize_chunks(w, bits, t.group_size, out_dtype, "clip"):
             norm += float((wc.astype(np.float64) ** 2).sum())
-            for b, q in quantize_weight(wc, bits, t.group_size, out_dtype, "clip", None).items():
+            for b, q in qs.items():
                 err[b] += float(((wc - q.dequantize()).astype(np.float64) ** 2).sum())
         del w
         scale = role_weight(t) * position_weight(t, n_layers)
