@@ -1,0 +1,214 @@
+"""A lazily loaded model, run one decoder block at a time through its own ``__call__``.
+
+Real models do not fit in memory in fp32 (a 4B model is 16 GB), so the convert stages
+never materialize one: the model is loaded lazily (``mlx_lm.load(lazy=True)``, nothing
+read), and each stage brings one decoder block's weights into the model in fp32, runs it
+on saved block inputs, and puts the unread lazy arrays back.
+
+Running a block through the model's own forward (not a re-implementation) keeps every
+architecture mlx-lm implements working: masks, caches=None and the layer loop are the
+model's. Earlier blocks replay their saved outputs (:func:`.hooks.replay_layers`); the
+block of interest gets the saved input and raises with its output, so nothing after it
+runs. The head works the same way: its input (the final-normed hidden state) is caught
+on its way into ``lm_head`` / ``embed_tokens.as_linear``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..architecture import decoder_layers
+from ..errors import ModelLoadError
+from .gdn import fast_gated_delta
+from .hooks import call_hooks, replay_layers
+from .source import WeightSource
+from .targets import Target, get_module
+
+
+class _Stop(Exception):
+    """Raised inside a forward pass to hand one intermediate value out of it."""
+
+    def __init__(self, value: mx.array):
+        super().__init__("stop")
+        self.value = value
+
+
+@contextlib.contextmanager
+def _swap_call(module: nn.Module, call: Callable[..., Any], tag: str) -> Iterator[None]:
+    cls = type(module)
+    module.__class__ = type(f"{tag}{cls.__name__}", (cls,), {"__call__": call})
+    try:
+        yield
+    finally:
+        module.__class__ = cls
+
+
+@dataclass
+class Head:
+    """The module producing logits: ``lm_head`` or the tied embedding (``as_linear``)."""
+
+    path: str  # module path
+    tied: bool
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.path}.weight"
+
+
+class BlockModel:
+    """A lazily loaded model whose blocks are materialized one at a time (see module doc)."""
+
+    def __init__(self, path: Path, model: nn.Module, targets: list[Target]):
+        self.model = model
+        self.source = WeightSource(path, model)
+        self.layers = decoder_layers(model)
+        names = {id(m): p for p, m in model.named_modules()}
+        self.layer_paths = [names[id(layer)] for layer in self.layers]
+        self.embedding = next((t for t in targets if t.kind == "embedding" and t.layer is None), None)
+        self.head = self._find_head(targets)
+        outside = [
+            t.path for t in targets
+            if t.layer is None and t.path not in {self.head.path, self.embedding.path if self.embedding else ""}
+        ]
+        if outside:
+            raise ModelLoadError(
+                f"layers outside the decoder blocks other than the embedding and head are not supported "
+                f"by the streamed convert: {', '.join(outside)} (use --method static)"
+            )
+        big = {self.head.weight_name} | ({self.embedding.path + ".weight"} if self.embedding else set())
+        prefixes = tuple(p + "." for p in self.layer_paths)
+        # parameters outside the blocks besides the embedding / head (final norm...): small, kept in fp32
+        self.rest_names = [
+            k for k, _ in tree_flatten(model.parameters()) if not k.startswith(prefixes) and k not in big
+        ]
+
+    def _find_head(self, targets: list[Target]) -> Head:
+        lm = [t for t in targets if t.layer is None and t.kind == "linear" and t.path.split(".")[-1] == "lm_head"]
+        if lm:
+            return Head(lm[0].path, tied=False)
+        if self.embedding is None:
+            raise ModelLoadError("could not find the model's output head (no lm_head, no embedding)")
+        return Head(self.embedding.path, tied=True)
+
+    # ------------------------------------------------------------------ weights
+    @contextlib.contextmanager
+    def materialized(self, names: list[str], dtype: mx.Dtype | None = mx.float32) -> Iterator[None]:
+        """Parameters ``names`` read into the model (cast to ``dtype``; None: as stored),
+        the untouched lazy arrays put back on exit (so nothing read stays resident)."""
+        fresh = self.source.fresh()
+        missing = [n for n in names if n not in fresh]
+        if missing:
+            raise ModelLoadError(f"weights missing from the checkpoint: {', '.join(missing[:5])}")
+        arrays = [(n, fresh[n].astype(dtype) if dtype is not None else fresh[n]) for n in names]
+        del fresh
+        mx.eval([a for _, a in arrays])
+        params = dict(tree_flatten(self.model.parameters()))
+        originals = [(n, params[n]) for n in names]
+        del params
+        self.model.update(tree_unflatten(arrays))
+        del arrays
+        try:
+            yield
+        finally:
+            self.model.update(tree_unflatten(originals))
+
+    def block_names(self, k: int) -> list[str]:
+        prefix = self.layer_paths[k] + "."
+        return [prefix + n for n, _ in tree_flatten(self.layers[k].parameters())]
+
+    def block(self, k: int) -> contextlib.AbstractContextManager:
+        """Block ``k``'s weights in fp32 for the duration of a ``with``."""
+        return self.materialized(self.block_names(k))
+
+    def rest(self) -> contextlib.AbstractContextManager:
+        """The small parameters outside the blocks (final norm...) in fp32."""
+        return self.materialized(self.rest_names)
+
+    # ------------------------------------------------------------------ forward pieces
+    def block_output(self, k: int, tokens: mx.array, h: mx.array, hooks: dict | None = None) -> mx.array:
+        """Output of block ``k`` given its input ``h`` (differentiable in ``h``)."""
+        layer = self.layers[k]
+        cls = type(layer)
+
+        def call(self_, x, *args, **kwargs):
+            raise _Stop(cls.__call__(self_, h, *args, **kwargs))
+
+        with replay_layers(self.layers[:k], [h] * k), _swap_call(layer, call, "Block"):
+            return self._run(tokens, hooks)
+
+    def first_input(self, tokens: mx.array, hooks: dict | None = None) -> mx.array:
+        """Block 0's input (the embedding output, after any scaling the model applies)."""
+
+        def call(self_, x, *args, **kwargs):
+            raise _Stop(x)
+
+        with _swap_call(self.layers[0], call, "Entry"):
+            return self._run(tokens, hooks)
+
+    def head_input(self, tokens: mx.array, h: mx.array) -> mx.array:
+        """The head's input (final norm of the last block's output ``h``), differentiable in ``h``."""
+        head = get_module(self.model, self.head.path)
+
+        cls = type(head)
+        attrs: dict[str, Any] = {}
+        if self.head.tied:
+            def as_linear(self_, x):
+                raise _Stop(x)
+
+            attrs["as_linear"] = as_linear
+        else:
+            def __call__(self_, x, *a, **kw):
+                raise _Stop(x)
+
+            attrs["__call__"] = __call__
+        head.__class__ = type(f"HeadIn{cls.__name__}", (cls,), attrs)
+        try:
+            with replay_layers(self.layers, [h] * len(self.layers)):
+                return self._run(tokens, None)
+        finally:
+            head.__class__ = cls
+
+    def logits_from(self, tokens: mx.array, h: mx.array) -> mx.array:
+        """The model's own logits from the last block's output ``h`` (head must be materialized)."""
+        with replay_layers(self.layers, [h] * len(self.layers)), fast_gated_delta():
+            return self.model(tokens)
+
+    def _run(self, tokens: mx.array, hooks: dict | None) -> mx.array:
+        with fast_gated_delta(), call_hooks(hooks or {}):
+            try:
+                self.model(tokens)
+            except _Stop as s:
+                return s.value
+        raise ModelLoadError(f"{type(self.model).__name__}: the forward pass never reached the expected layer")
+
+
+def check_head(bm: BlockModel, tokens: mx.array, h_last: mx.array) -> None:
+    """The streamed head computes ``logits = head_input @ W^T``: check the model does too.
+
+    Models that scale or soft-cap logits after the head would be measured wrongly, so
+    they get a clear error instead.
+    """
+    tokens, h_last = tokens[:1, :8], h_last[:1, :8]
+    with bm.materialized([bm.head.weight_name], dtype=None), bm.rest():
+        xn = bm.head_input(tokens, h_last)
+        w = get_module(bm.model, bm.head.path)["weight"].astype(mx.float32)
+        ours = (xn.reshape(-1, xn.shape[-1]) @ w.T).reshape(-1)
+        theirs = bm.logits_from(tokens, h_last).astype(mx.float32).reshape(-1)
+        ok = bool(mx.allclose(ours, theirs, rtol=1e-4, atol=1e-4).item())
+    if not ok:
+        raise ModelLoadError(
+            f"{type(bm.model).__name__} transforms its logits after the output head (scaling or soft-capping): "
+            "the streamed sensitivity pass does not support it (use --method static)"
+        )
+
+
+def as_numpy_f32(a: mx.array) -> np.ndarray:
+    return np.asarray(a.astype(mx.float32))
