@@ -95,13 +95,30 @@ class ShardWriter:
         spec = self.specs.get(name)
         if spec is None or name not in self.pending:
             raise ValueError(f"{name}: not planned, or written twice")
+        if spec.shape:
+            self.write_rows(name, value, 0, last=True)
+        else:
+            self._write_scalar(name, value, spec)
+
+    def _write_scalar(self, name: str, value: mx.array | np.ndarray, spec: TensorSpec) -> None:
         fd, off = self.where[name]
-        data = _to_bytes(value, spec)
-        view = memoryview(data)
+        os.pwrite(fd, _to_bytes(value, spec), off)
+        self.pending.discard(name)
+
+    def write_rows(self, name: str, value: mx.array | np.ndarray, row: int, last: bool) -> None:
+        """Rows ``row..`` (along axis 0) of ``name``; ``last`` marks the tensor complete."""
+        spec = self.specs.get(name)
+        if spec is None or name not in self.pending:
+            raise ValueError(f"{name}: not planned, or written twice")
+        row_spec = TensorSpec(name, spec.dtype, (int(value.shape[0]),) + spec.shape[1:])
+        fd, off = self.where[name]
+        off += row * (spec.nbytes // max(spec.shape[0], 1))
+        view = memoryview(_to_bytes(value, row_spec))
         while view:
             n = os.pwrite(fd, view, off)
             view, off = view[n:], off + n
-        self.pending.discard(name)
+        if last:
+            self.pending.discard(name)
 
     def close(self, total_parameters: int) -> None:
         """Check every tensor was written, close the files, write the index."""
