@@ -92,7 +92,8 @@ def forward_states(bm: BlockModel, batches: list[mx.array], spill: bool, log: Ca
     """Stage 1: every block's input for every batch (one block resident at a time)."""
     n = len(bm.layers)
     emb = [bm.embedding.path + ".weight"] if bm.embedding is not None else []
-    with bm.materialized(emb + bm.rest_names):
+    # the table as stored (bf16 rows are exact in fp32): no vocabulary-sized fp32 copy
+    with bm.materialized(emb, dtype=None), bm.rest():
         h0 = [bm.first_input(x).astype(mx.float32) for x in batches]
         mx.eval(h0)
     states = BoundaryStates(n + 1, [tuple(x.shape) for x in batches], int(h0[0].shape[-1]), spill=spill)
@@ -246,7 +247,7 @@ def _probe_vjp(run: Callable[..., mx.array], primals: list[mx.array], mods: dict
     def inject(m, args, kwargs, out):
         k = len(captured)
         captured.append(args)
-        return out + probes_in[k].astype(out.dtype)
+        return out.astype(mx.float32) + probes_in[k]  # fp32 on: an embedding read as stored is bf16
 
     hooks = {i: (m, inject) for i, (m, _) in mods.items()}
 
@@ -320,7 +321,7 @@ def embedding_stage(
         err = mx.stack([rtn_error(w, b, emb.group_size, out_dtype) for b in widths]).astype(mx.float16)
         mx.eval(err)
         rows = {int(i): err[:, j] for j, i in enumerate(ids)}
-    with bm.materialized([name] + bm.rest_names):
+    with bm.materialized([name], dtype=None), bm.rest():
         mod = get_module(bm.model, emb.path)
         mods = {id(mod): (mod, emb)}
         for (b, p), g0 in grads.items():
