@@ -7,7 +7,7 @@ model's tokenizer) and the same model. ``dynamic_quant`` runs as a user would ru
 (``mlx_lm.load``: bf16 weights) and, for fairness, also on an fp32 copy; it looks at two
 widths (``--bits``, default 4,8). OptiQ's pass is timed from the loaded model to the
 finished sensitivity table, exactly as ``optiq convert`` runs it
-(``optiq.core.quant.convert.sensitivity_pass``): for ``fisher`` (the default) one
+(``optiq.core.quant.measure.sensitivity_pass``): for ``fisher`` (the default) one
 forward+backward pass per batch that records the reference (layer outputs, Hessians,
 reference distribution) and the probe gradients, RTN weight errors of every layer at
 every width, the second-order estimate, and measured passes for the layers whose
@@ -62,7 +62,7 @@ def run_one(kind: str, model_path: str, n: int, seq_len: int, bits: str) -> dict
 
     from optiq.core.cpu import cast_floats
     from optiq.core.model_io import load_model
-    from optiq.core.quant.convert import sensitivity_pass
+    from optiq.core.quant.measure import sensitivity_pass
     from optiq.core.quant.targets import find_targets
 
     lm = load_model(model_path, fast_cpu=False)

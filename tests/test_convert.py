@@ -196,12 +196,17 @@ def test_interrupted_convert_leaves_no_output_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    from optiq.core.quant import writer
+    from optiq.core.quant.shards import ShardWriter
 
-    def boom(*a, **k):
-        raise RuntimeError("disk full")
+    real, calls = ShardWriter.write_rows, []
 
-    monkeypatch.setattr(writer, "write_model_dir", boom)
+    def boom(self, *a, **k):  # fails part-way through the shards
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("disk full")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ShardWriter, "write_rows", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         convert(None, tmp_path / "f", method="static", target_bpw=4.5)
     assert [p.name for p in tmp_path.iterdir()] == []

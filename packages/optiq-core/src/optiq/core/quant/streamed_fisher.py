@@ -29,7 +29,6 @@ import numpy as np
 from ..cpu import exp
 from .blocks import BlockModel, check_head
 from .fisher import ErrorBank, _monotone, _project, _use, _widths, rtn_error
-from .hooks import call_hooks
 from .progress import Progress
 from .sensitivity import LeafSensitivity
 from .states import BoundaryStates

@@ -118,9 +118,22 @@ def write_model_dir(
     extra_files: dict[str, bytes] | None = None,
 ) -> None:
     """Weights, config, tokenizer files and ``optiq_metadata.json`` into ``dest``."""
-    from mlx_lm.utils import save_config, save_model
+    from mlx_lm.utils import save_model
 
     save_model(dest, model)
+    write_side_files(dest, config, source, metadata, extra_files)
+
+
+def write_side_files(
+    dest: Path,
+    config: dict[str, Any],
+    source: Path,
+    metadata: dict[str, Any] | None,
+    extra_files: dict[str, bytes] | None = None,
+) -> None:
+    """Everything but the weights: config, tokenizer files, metadata, extra files."""
+    from mlx_lm.utils import save_config
+
     save_config(dict(config), dest / "config.json")
     for pattern in COPY_PATTERNS:
         for f in glob.glob(str(source / pattern)):
@@ -128,7 +141,8 @@ def write_model_dir(
             if name in NEVER_COPY or not os.path.isfile(f):
                 continue
             shutil.copy2(f, dest / name)
-    (dest / "optiq_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    if metadata is not None:
+        (dest / "optiq_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     for name, data in (extra_files or {}).items():
         (dest / name).write_bytes(data)
 

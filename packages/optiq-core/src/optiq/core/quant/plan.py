@@ -1,0 +1,124 @@
+"""The memory a convert will need, estimated from shapes before any work starts.
+
+A process that outgrows memory is killed by the kernel with no message, minutes into a
+run. So the peak is estimated from the model's shapes (largest block in fp32, the
+vocabulary-sized head as stored plus its tiles, the saved block inputs, Hessians) and
+compared with the memory available (or ``--max-memory``): over it, the run stops at once
+with one line naming the estimate and what to change.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ..errors import ConfigError
+from .blocks import BlockModel
+from .options import ConvertOptions
+from .source import CHUNK_ELEMENTS
+from .states import BoundaryStates
+from .targets import Target
+
+GB = 1 << 30
+# Python, MLX, the tokenizer and the lazy model skeleton (measured: ~0.45 GB on Linux).
+BASE_BYTES = 600 << 20
+# Block inputs are written to disk when they would take more than this share of the limit.
+SPILL_SHARE = 0.25
+
+
+def available_bytes() -> int:
+    """Memory available to this process now (Linux: MemAvailable; else 80% of RAM)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
+
+
+@dataclass
+class MemoryPlan:
+    parts: dict[str, int]  # what the peak is made of, bytes
+    peak: int
+    limit: int
+    spill: bool  # block inputs live on disk
+
+    def describe(self) -> str:
+        top = ", ".join(f"{k} {v / GB:.2f}" for k, v in sorted(self.parts.items(), key=lambda kv: -kv[1]) if v >= 1 << 20)
+        spill = "; block inputs on disk" if self.spill else ""
+        return f"about {self.peak / GB:.2f} GB peak ({top} GB){spill}; limit {self.limit / GB:.2f} GB"
+
+
+def _sizes(bm: BlockModel) -> tuple[list[int], int, int, int, int]:
+    """(params per block, vocabulary, hidden, bytes per stored head element, all params)."""
+    per_block = [sum(int(v.size) for _, v in tree_flatten(layer.parameters())) for layer in bm.layers]
+    params = dict(tree_flatten(bm.model.parameters()))
+    head = params[bm.head.weight_name]
+    total = sum(int(v.size) for v in params.values())
+    return per_block, int(head.shape[0]), int(head.shape[1]), head.dtype.size, total
+
+
+def plan_memory(bm: BlockModel, active: list[Target], opts: ConvertOptions, n_tokens: int) -> MemoryPlan:
+    """Estimate the peak of this convert (see module doc) and check it against the limit."""
+    limit = int(opts.max_memory_gb * GB) if opts.max_memory_gb is not None else available_bytes()
+    per_block, V, H, s, total = _sizes(bm)
+    n = len(opts.candidate_bits)
+    L = len(per_block)
+    P = max(per_block) if per_block else 0
+    leaves = [t for t in active if t.layer is not None]
+    big_leaf = max((t.n_params for t in leaves), default=0)
+    # per block: sum of leaf (in + out) dims, for activations of one batch
+    dims: dict[int, int] = {}
+    for t in leaves:
+        dims[t.layer] = dims.get(t.layer, 0) + t.shape[-1] + t.shape[-2]
+    act = max(dims.values(), default=H) * min(n_tokens, opts.batch_size * opts.seq_len) * 4
+    hess = max(
+        (sum(t.shape[-1] ** 2 for t in leaves if t.layer == k) for k in range(L)), default=0,
+    ) * 8 * 2
+    head_table = V * H * s
+    chunk = CHUNK_ELEMENTS * 4 * 8
+    parts: dict[str, int] = {"runtime": BASE_BYTES}
+    spill = False
+    if opts.method == "static":
+        parts["largest tensor"] = max(head_table, big_leaf * s)
+        parts["rounding chunk"] = CHUNK_ELEMENTS * 4 * 6 * n
+    else:
+        states = BoundaryStates.nbytes(L + 1, n_tokens, H)
+        spill = states > SPILL_SHARE * limit
+        parts["block inputs"] = 0 if spill else states
+        parts["probes"] = opts.n_probes * n_tokens * ((V + 7) // 8)
+        tile = opts.head_tile_mb << 20
+        stage = {
+            "head": head_table + tile + n_tokens * H * 4 * (2 + 2 * opts.n_probes),
+            "block": P * 4 + P * n * 2 + 3 * act + n_tokens * H * 4 * 2 * opts.n_probes,
+            "rounding": P * 4 + hess + big_leaf * 4 * 4,
+            "head rounding": head_table + chunk,
+        }
+        worst = max(stage, key=stage.get)
+        parts[f"{worst} stage"] = stage[worst]
+        if not opts.streamed_estimate:
+            parts["whole model fp32"] = total * 4 + total * n * 2 + n_tokens * V * 4 * 2
+    peak = int(sum(parts.values()))
+    plan = MemoryPlan(parts=parts, peak=peak, limit=limit, spill=spill)
+    if peak > limit:
+        raise ConfigError(_advice(plan, opts))
+    return plan
+
+
+def _advice(plan: MemoryPlan, opts: ConvertOptions) -> str:
+    tips = []
+    if opts.method != "static":
+        if not opts.streamed_estimate:
+            tips.append("use the default estimator (fisher, no --estimate-rounding, no --measure-above)")
+        tips += ["lower --n-calibration or --seq-len", "lower --head-tile-mb", "use --method static"]
+    tips.append("raise --max-memory" if opts.max_memory_gb is not None else "free memory")
+    return f"convert needs {plan.describe()}: {', '.join(tips)}"
+
+
+def tokens_planned(n_calibration: int, seq_len: int) -> int:
+    return int(np.int64(n_calibration) * seq_len)
