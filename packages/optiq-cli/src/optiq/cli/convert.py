@@ -91,13 +91,18 @@ def summary_lines(result) -> list[str]:
 @click.option("--sensitivities", "sensitivities_file", type=click.Path(), default=None,
               help="Save measured sensitivities to FILE and reuse them on later runs "
                    "(same model, calibration and settings): convert at several sizes, measure once.")
+@click.option("--max-memory", "max_memory_gb", type=float, default=None,
+              help="Memory cap in GB for the plan check (default: the memory available at start). "
+                   "Convert stops at once, naming its estimate, when the plan exceeds it.")
+@click.option("--head-tile-mb", type=int, default=256, show_default=True,
+              help="MB of vocabulary-sized temporaries (logit tiles) the streamed head may use at once.")
 @click.option("--force", is_flag=True, help="Overwrite the output directory if it exists.")
 @click.option("--no-resume", is_flag=True, help="Ignore a checkpoint left by an interrupted run.")
 @click.option("--no-plot", is_flag=True, help="Do not write sensitivity.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (optiq_metadata.json).")
 def convert(model, output, target_bpw, candidate_bits, group_size, calibration, n_calibration, seq_len,
-            method, bpw_kind, estimator, rounding, estimate_rounding, sensitivities_file, force, no_resume,
-            no_plot, as_json) -> None:
+            method, bpw_kind, estimator, rounding, estimate_rounding, sensitivities_file, max_memory_gb,
+            head_tile_mb, force, no_resume, no_plot, as_json) -> None:
     """Quantize MODEL to mixed precision at --target-bpw, bits chosen by measured sensitivity.
 
     MODEL is a local HF-style directory with bf16/fp16/fp32 safetensors (default: the
@@ -111,7 +116,7 @@ def convert(model, output, target_bpw, candidate_bits, group_size, calibration, 
         calibration=calibration, n_calibration=n_calibration, method=method, force=force,
         bpw_kind=bpw_kind, rounding=rounding, seq_len=seq_len, resume=not no_resume, plot=not no_plot,
         estimator=estimator, sensitivities_file=sensitivities_file, estimate_rounding=estimate_rounding,
-        progress=not as_json, log=None if as_json else (lambda s: click.echo(s, err=True)),
+        max_memory_gb=max_memory_gb, head_tile_mb=head_tile_mb, progress=not as_json, log=None if as_json else (lambda s: click.echo(s, err=True)),
     )
     if as_json:
         click.echo(json.dumps(metadata(result), indent=2))
