@@ -285,12 +285,28 @@ def test_weight_source_matches_the_loaded_model():
     from mlx.utils import tree_flatten
 
     from optiq.core.model_io import bundled_model_path, load_model
-    from optiq.core.quant.source import WeightSource, take_fp32
+    from optiq.core.quant.source import WeightSource
 
     lm = load_model(None, fast_cpu=False, lazy=True)
     fresh = WeightSource(bundled_model_path(), lm.model).fresh()
     params = dict(tree_flatten(lm.model.parameters()))
     assert set(fresh) == set(params)
     name = next(k for k in params if k.endswith("mlp.down_proj.weight"))
-    np.testing.assert_array_equal(take_fp32(fresh, name), np.asarray(params[name].astype(mx.float32)))
-    assert name not in fresh  # taken: the caller's copy is the only one
+    np.testing.assert_array_equal(np.asarray(fresh[name].astype(mx.float32)), np.asarray(params[name].astype(mx.float32)))
+
+
+def test_static_prior_rows_sample_whole_rows_evenly():
+    """Large leaves' priors are measured on evenly spaced whole rows; small ones whole."""
+    import mlx.core as mx
+
+    from optiq.core.quant.static import sampled_rows
+
+    w = mx.arange(40 * 64, dtype=mx.float32).reshape(40, 64)
+    np.testing.assert_array_equal(sampled_rows(w, limit=40 * 64), np.asarray(w))
+    s = sampled_rows(w, limit=10 * 64)
+    assert s.shape == (10, 64)
+    firsts = s[:, 0] // 64
+    assert firsts[0] == 0 and firsts[-1] == 39 and np.all(np.diff(firsts) > 0)
+    np.testing.assert_array_equal(s, np.asarray(w)[firsts.astype(int)])  # whole rows, unchanged
+    pool = mx.arange(4 * 8 * 64, dtype=mx.float32).reshape(4, 8, 64)  # expert pools: rows of all experts
+    assert sampled_rows(pool, limit=8 * 64).shape == (8, 64)

@@ -64,58 +64,30 @@ def dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).replace("mlx.core.", "")
 
 
-def round_to_dtype(x: np.ndarray, dtype: mx.Dtype) -> np.ndarray:
-    """Round fp32 values to what ``dtype`` can store (so codes are chosen for the stored scales)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if dtype == mx.float32:
-        return x
-    if dtype == mx.float16:
-        with np.errstate(over="ignore"):
-            return x.astype(np.float16).astype(np.float32)
-    if dtype == mx.bfloat16:  # round to nearest even on the top 16 bits (as MLX does)
-        u = x.view(np.uint32).astype(np.uint64)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        return u.astype(np.uint32).view(np.float32)
-    return np.array(mx.array(x).astype(dtype).astype(mx.float32))
-
-
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack integer codes [..., n] into MLX's uint32 layout (LSB-first bit stream)."""
-    codes = codes.astype(np.uint64)
     *lead, n = codes.shape
     if (n * bits) % 32:
         raise ValueError(f"{n} codes of {bits} bits do not fill whole uint32 words")
-    flat = codes.reshape(-1, n)
-    words = np.zeros((flat.shape[0], n * bits // 32), dtype=np.uint64)
-    if 32 % bits == 0:
-        per = 32 // bits
-        grouped = flat.reshape(flat.shape[0], -1, per)
-        shifts = (np.arange(per, dtype=np.uint64) * np.uint64(bits))
-        words = np.bitwise_or.reduce(grouped << shifts, axis=-1)
-    else:  # 3, 5, 6 bits: codes straddle word boundaries
-        pos = np.arange(n, dtype=np.uint64) * np.uint64(bits)
-        for k in range(bits):
-            bit = (flat >> np.uint64(k)) & np.uint64(1)
-            p = pos + np.uint64(k)
-            idx = (p // np.uint64(32)).astype(np.int64)
-            contrib = bit << (p % np.uint64(32))
-            # distinct codes write distinct bits, so adding equals or-ing
-            np.add.at(words, (slice(None), idx), contrib)
+    flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1, n)
+    if bits == 8:
+        words = flat.view("<u4")
+    else:
+        # each code's bits, least significant first, as one bit stream per row
+        stream = np.unpackbits(flat[..., None], axis=-1, count=bits, bitorder="little")
+        words = np.packbits(stream.reshape(flat.shape[0], n * bits), axis=-1, bitorder="little").view("<u4")
     return words.astype(np.uint32).reshape(*lead, n * bits // 32)
 
 
 def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     """Inverse of :func:`pack` (used by tests and by reading quantized models)."""
     *lead, nw = packed.shape
-    flat = packed.reshape(-1, nw).astype(np.uint64)
-    pos = np.arange(n, dtype=np.uint64) * np.uint64(bits)
-    out = np.zeros((flat.shape[0], n), dtype=np.uint64)
-    for k in range(bits):
-        p = pos + np.uint64(k)
-        idx = (p // np.uint64(32)).astype(np.int64)
-        bit = (flat[:, idx] >> (p % np.uint64(32))) & np.uint64(1)
-        out |= bit << np.uint64(k)
-    return out.astype(np.uint8).reshape(*lead, n)
+    raw = np.ascontiguousarray(packed, dtype="<u4").reshape(-1, nw).view(np.uint8)
+    if bits == 8:
+        return raw[:, :n].reshape(*lead, n).copy()
+    stream = np.unpackbits(raw, axis=-1, count=n * bits, bitorder="little").reshape(-1, n, bits)
+    codes = np.packbits(stream, axis=-1, bitorder="little")[..., 0]
+    return codes.reshape(*lead, n)
 
 
 def leaf_bits_cost(n_weights: int, bits: int, group_size: int, scale_bits: int) -> int:

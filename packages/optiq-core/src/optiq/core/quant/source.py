@@ -36,11 +36,6 @@ class WeightSource:
         return sanitize(weights) if sanitize is not None else weights
 
 
-def take_fp32(weights: dict[str, mx.array], name: str) -> np.ndarray:
-    """Remove ``name`` from a fresh dictionary and return it as fp32 numpy (read once)."""
-    return np.asarray(weights.pop(name).astype(mx.float32))
-
-
 def chunks_along_first_axis(shape: tuple[int, ...], widths: int = 1) -> Iterator[slice]:
     """Slices of axis 0 (rows of a matrix, experts of a pool) of bounded size.
 
