@@ -51,14 +51,15 @@ def build(shape: str, out: Path) -> Path:
         return out
     import mlx.core as mx
     from mlx.utils import tree_map_with_path
-    from mlx_lm.utils import _get_classes, save_config, save_model
+    from mlx_lm.utils import save_config, save_model
 
+    from optiq.core.mlx_lm_seam import model_classes
     from optiq.core.model_io import bundled_model_path
     from optiq.core.tiny_models import copy_tokenizer_files, layer_types
 
     cfg = {**COMMON, **SHAPES[shape]}
     cfg["layer_types"] = layer_types(cfg)
-    model_class, args_class = _get_classes(json.loads(json.dumps(cfg)))
+    model_class, args_class = model_classes(json.loads(json.dumps(cfg)))
     mx.random.seed(0)
     model = model_class(args_class.from_dict(json.loads(json.dumps(cfg))))
 

@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from optiq.cli.main import main
 from optiq.core.info import model_info
+from optiq.core.mlx_lm_seam import CHECKS, mlx_lm_version
 from optiq.core.model_io import load_model
 
 
@@ -85,8 +86,10 @@ def test_info_cli_text_and_json(capsys):
     out = capsys.readouterr().out
     assert "qwen3_5" in out and "full_attention" in out and "linear_attention" in out
     assert "compute:      CPU, fp32" in out and "optiq-kernels (" in out
+    assert f"mlx-lm:       {mlx_lm_version()}: the {len(CHECKS)} internals OptiQ patches or reads are as expected" in out
     main_ok(["info", "--json"])
     data = json.loads(capsys.readouterr().out)
+    assert data["mlx_lm"]["version"] == mlx_lm_version() and not any(data["mlx_lm"]["checks"].values())
     assert data["layer_kind_counts"]["full_attention"] >= 2
     assert data["compute"]["device"] == "cpu" and data["compute"]["optiq_kernels"]["threads"] >= 1
 

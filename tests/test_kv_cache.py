@@ -9,7 +9,6 @@ from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.models.cache import load_prompt_cache as mlx_load_prompt_cache
 from mlx_lm.models.cache import save_prompt_cache as mlx_save_prompt_cache
-from mlx_lm.utils import _get_classes
 from optiq.core.errors import ConfigError
 from optiq.core.kv import (
     BatchMixedKVCache,
@@ -29,6 +28,7 @@ from optiq.core.kv import (
 from optiq.core.kv.attention import unpacked_scores
 from optiq.core.kv.config import KVConfig
 from optiq.core.kv.layers import require_kv_layers
+from optiq.core.mlx_lm_seam import model_classes
 from optiq.core.model_io import load_model
 
 
@@ -47,7 +47,7 @@ def prompts(tiny) -> list[list[int]]:
 
 
 def build(config: dict, seed: int = 0):
-    model_cls, args_cls = _get_classes(config)
+    model_cls, args_cls = model_classes(config)
     mx.random.seed(seed)
     model = model_cls(args_cls.from_dict(config))
     mx.eval(model.parameters())

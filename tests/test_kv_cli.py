@@ -7,9 +7,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from mlx_lm.utils import _get_classes, save_config, save_model
+from mlx_lm.utils import save_config, save_model
 from optiq.cli.main import main
 from optiq.core.kv import kv_layout, load_kv_config
+from optiq.core.mlx_lm_seam import model_classes
 from optiq.core.model_io import load_model
 from optiq.core.tiny_models import copy_tokenizer_files
 
@@ -108,7 +109,7 @@ def test_model_without_kv_layers(model_dir, tmp_path, capsys):
     config = dict(model_type="mamba", vocab_size=64, hidden_size=32, intermediate_size=64, state_size=8,
                   num_hidden_layers=2, conv_kernel=4, use_bias=False, use_conv_bias=True, time_step_rank=4,
                   tie_word_embeddings=True)
-    model_cls, args_cls = _get_classes(config)
+    model_cls, args_cls = model_classes(config)
     model = model_cls(args_cls.from_dict(config))
     mx.eval(model.parameters())
     mamba = tmp_path / "mamba"

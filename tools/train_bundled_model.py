@@ -402,25 +402,24 @@ def chunked_gated_delta(q, k, v, a, b, A_log, dt_bias, chunk: int = 16):
     return y.astype(v.dtype), S.swapaxes(-1, -2)
 
 
-class chunked_gdn_training:
+def _chunked_training_update(orig):
+    """qwen3_5's ``gated_delta_update`` with full-sequence calls routed to the chunked form."""
+
+    def patched(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, use_kernel=True, **kw):
+        if state is None and mask is None and not kw:
+            return chunked_gated_delta(q, k, v, a, b, A_log, dt_bias)
+        return orig(q, k, v, a, b, A_log, dt_bias, state, mask, use_kernel=use_kernel, **kw)
+
+    return patched
+
+
+def chunked_gdn_training():
     """Context manager: route qwen3_5's full-sequence GDN calls to the chunked form."""
+    import mlx_lm.models.qwen3_5  # noqa: F401  (the module the seam patches)
 
-    def __enter__(self):
-        import mlx_lm.models.qwen3_5 as q35
+    from optiq.core.mlx_lm_seam import gated_delta_replaced
 
-        self.mod, self.orig = q35, q35.gated_delta_update
-        orig = self.orig
-
-        def patched(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, use_kernel=True, **kw):
-            if state is None and mask is None and not kw:
-                return chunked_gated_delta(q, k, v, a, b, A_log, dt_bias)
-            return orig(q, k, v, a, b, A_log, dt_bias, state, mask, use_kernel=use_kernel, **kw)
-
-        q35.gated_delta_update = patched
-        return self
-
-    def __exit__(self, *exc):
-        self.mod.gated_delta_update = self.orig
+    return gated_delta_replaced(_chunked_training_update)
 
 
 # ----------------------------------------------------------------------------- eval

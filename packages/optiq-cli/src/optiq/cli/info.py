@@ -26,14 +26,18 @@ def info(model: str | None, as_json: bool) -> None:
     where this machine computes (device, BLAS, optiq-kernels)."""
     from optiq.core.cpu import compute_summary, describe_compute
     from optiq.core.info import model_info
+    from optiq.core.mlx_lm_seam import mlx_lm_version, run_checks
 
     mi = model_info(model)
     compute = compute_summary()
+    seam = run_checks()
+    problems = [p for p in seam.values() if p]
     if as_json:
         data = asdict(mi)
         data["path"] = str(mi.path)
         data["layer_kind_counts"] = mi.layer_kind_counts
         data["compute"] = compute
+        data["mlx_lm"] = {"version": mlx_lm_version(), "checks": seam}
         click.echo(json.dumps(data, indent=2, default=str))
         return
     kinds = ", ".join(f"{n} {k}" for k, n in mi.layer_kind_counts.items())
@@ -47,6 +51,8 @@ def info(model: str | None, as_json: bool) -> None:
     click.echo(f"dtype:        {mi.dtype}")
     click.echo(f"size on disk: {human_bytes(mi.disk_bytes)} (weights {human_bytes(mi.weight_bytes)})")
     click.echo(f"compute:      {describe_compute(compute)}")
+    verdict = "; ".join(problems) if problems else f"the {len(seam)} internals OptiQ patches or reads are as expected"
+    click.echo(f"mlx-lm:       {mlx_lm_version()}: {verdict}")
     if mi.quantization:
         glob = {k: v for k, v in mi.quantization.items() if not isinstance(v, dict)}
         per_layer = sum(isinstance(v, dict) for v in mi.quantization.values())

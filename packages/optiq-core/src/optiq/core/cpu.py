@@ -216,9 +216,10 @@ def _kernel_gather_matmul(layer: nn.Module, x: mx.array, indices: mx.array) -> m
 
 
 def _switch_classes():
-    try:
-        from mlx_lm.models.switch_layers import QuantizedSwitchLinear
-    except ImportError:  # pragma: no cover - older mlx-lm
+    from .mlx_lm_seam import switch_linear_class
+
+    QuantizedSwitchLinear = switch_linear_class()  # its __call__ signature checked
+    if QuantizedSwitchLinear is None:  # pragma: no cover - older mlx-lm
         return None
 
     class CPUQuantizedSwitchLinear(QuantizedSwitchLinear):

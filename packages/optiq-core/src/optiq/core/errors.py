@@ -15,3 +15,11 @@ class ConfigError(OptiQError):
 
 class DataError(OptiQError):
     """An input data file (calibration, training, evaluation) is unreadable or malformed."""
+
+
+class MlxLmIncompatible(OptiQError):
+    """The installed mlx-lm changed an internal that :mod:`optiq.core.mlx_lm_seam` patches or reads."""
+
+
+class PatchConflict(OptiQError):
+    """Two different OptiQ replacements were asked for the same mlx-lm attribute at once."""

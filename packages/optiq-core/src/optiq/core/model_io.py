@@ -81,10 +81,10 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def check_model_type(config: dict[str, Any]) -> None:
     """Raise unless mlx-lm has an implementation for ``config['model_type']``."""
-    from mlx_lm.utils import _get_classes
+    from .mlx_lm_seam import model_classes
 
     try:
-        _get_classes(config)
+        model_classes(config)
     except ValueError:
         raise ModelLoadError(
             f"unsupported model_type '{config['model_type']}': mlx-lm has no implementation of it"

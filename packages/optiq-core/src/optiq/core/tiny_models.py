@@ -92,10 +92,10 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
 
 def build_model(config: dict[str, Any], seed: int = 0) -> nn.Module:
     """Instantiate an mlx-lm model from a config dict with seeded random weights (fp32)."""
-    from mlx_lm.utils import _get_classes
+    from .mlx_lm_seam import model_classes
 
     config = json.loads(json.dumps(config))  # model args mutate nested dicts (rope_parameters)
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
     model.set_dtype(mx.float32)

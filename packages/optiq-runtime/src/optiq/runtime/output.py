@@ -92,11 +92,9 @@ def _keep_leading_space(detok: Any) -> None:
     for SentencePiece's word marker, wrong for GPT-style BPE, where " brown" after
     "the quick" is real text). Priming its text with a placeholder that ``last_segment``
     never returns keeps the space."""
-    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+    from optiq.core.mlx_lm_seam import prime_bpe_detokenizer
 
-    if isinstance(detok, BPEStreamingDetokenizer):
-        detok.text = "\x00"
-        detok.offset = 1
+    prime_bpe_detokenizer(detok, "\x00")
 
 
 def _merge(segments: list[Segment]) -> list[Delta]:

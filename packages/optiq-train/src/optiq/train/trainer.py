@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,6 +32,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from optiq.core.errors import ConfigError, OptiQError
+from optiq.core.mlx_lm_seam import calls_wrapped
 
 from .adapters import ADAPTER_WEIGHTS, adapter_weights, save_weights
 from .data import Batch, Dataset, batch_groups, make_batch, train_batch_at
@@ -178,32 +179,26 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, max_seq_length
 # ---------------------------------------------------------------------------- grad checkpointing
 
 
-@contextlib.contextmanager
-def grad_checkpointing(blocks: list[nn.Module]) -> Iterator[None]:
+def _checkpointed(fn: Callable) -> Callable:
+    """``fn`` (a block's ``__call__``) recomputed in the backward pass instead of stored."""
+
+    def checkpointed(module, *args, **kwargs):
+        def inner(params, *args, **kwargs):
+            module.update(params)
+            return fn(module, *args, **kwargs)
+
+        return mx.checkpoint(inner)(module.trainable_parameters(), *args, **kwargs)
+
+    return checkpointed
+
+
+def grad_checkpointing(blocks: list[nn.Module]) -> contextlib.AbstractContextManager[int]:
     """Recompute each decoder block's activations in the backward pass (less memory).
 
-    mlx-lm patches the block class for good; this restores it afterwards.
+    mlx-lm patches the block class for good; this restores it afterwards (through
+    :func:`optiq.core.mlx_lm_seam.calls_wrapped`, which also nests).
     """
-    classes = {type(b) for b in blocks}
-    saved = {cls: cls.__call__ for cls in classes}
-
-    def make(fn):
-        def checkpointed(module, *args, **kwargs):
-            def inner(params, *args, **kwargs):
-                module.update(params)
-                return fn(module, *args, **kwargs)
-
-            return mx.checkpoint(inner)(module.trainable_parameters(), *args, **kwargs)
-
-        return checkpointed
-
-    try:
-        for cls, fn in saved.items():
-            cls.__call__ = make(fn)
-        yield
-    finally:
-        for cls, fn in saved.items():
-            cls.__call__ = fn
+    return calls_wrapped({type(b) for b in blocks}, _checkpointed)
 
 
 def fast_gdn_context() -> contextlib.AbstractContextManager:

@@ -24,7 +24,7 @@ from typing import Any
 from mlx import nn
 from mlx_lm.models.cache import KVCache, save_prompt_cache
 
-from .attention import install_attention, uninstall_attention
+from .attention import install_attention, mixed_attention, uninstall_attention
 from .cache import BatchMixedKVCache, MixedKVCache
 from .config import KVConfig, check_matches_model, load_kv_config, save_kv_config, uniform_kv_config
 from .layers import KVLayout, configured_cache, kv_layout
@@ -48,6 +48,7 @@ __all__ = [
     "load_prompt_cache",
     "make_kv_cache",
     "make_simulated_kv_cache",
+    "mixed_attention",
     "remove_kv_config",
     "save_kv_config",
     "save_prompt_cache",

@@ -5,7 +5,9 @@ cache=..., scale=..., mask=...)`` from ``mlx_lm.models.base``, imported into eac
 module. :func:`install_attention` replaces that name in the modules of a given model
 with :func:`mixed_scaled_dot_product_attention`, which handles our caches and hands
 every other cache to the stock function unchanged, so the patch is safe for other
-models in the process.
+models in the process. The swap goes through :mod:`optiq.core.mlx_lm_seam`: held until
+:func:`uninstall_attention` (a server keeps it for its lifetime), or for one block with
+:func:`mixed_attention`.
 
 For a few query rows (decode) it reads the packed codes directly, never materialising
 a full-precision copy of the cache. On the CPU that is one fused, multi-threaded kernel
@@ -20,21 +22,22 @@ rows on the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterator
 
 import mlx.core as mx
 from mlx import nn
-from mlx_lm.models import base as mlx_base
 
+from .. import mlx_lm_seam as seam
 from ..cpu import exp, kernels, on_cpu
 from . import cache as _cache
 from . import quant
 from .cache import PACKED_MAX_ROWS as QMM_MAX_QUERY_ROWS
 from .cache import _MixedBase
 
-_STOCK_SDPA = mlx_base.scaled_dot_product_attention
+_STOCK_SDPA = seam.stock_sdpa()
 
 
 # Widths whose codes never straddle a byte in MLX's packing (element j of a uint32 word
@@ -219,20 +222,27 @@ def _attention_modules(model: nn.Module) -> set[Any]:
 
 
 def install_attention(model: nn.Module) -> int:
-    """Route the model's attention through :func:`mixed_scaled_dot_product_attention`.
+    """Route the model's attention through :func:`mixed_scaled_dot_product_attention`
+    until :func:`uninstall_attention`.
 
     Returns the number of model source modules patched. Idempotent. Models whose
     attention does not use mlx-lm's shared SDPA still work (through the dequantized
     keys/values the cache returns), only without the packed-code decode path.
     """
-    mods = _attention_modules(model)
-    for mod in mods:
-        mod.scaled_dot_product_attention = mixed_scaled_dot_product_attention
-    return len(mods)
+    return seam.hold_sdpa(_attention_modules(model), mixed_scaled_dot_product_attention)
 
 
 def uninstall_attention(model: nn.Module) -> None:
-    """Restore mlx-lm's stock SDPA in the model's source modules."""
+    """Give back :func:`install_attention`'s patch (stock SDPA unless a block still holds it)."""
     _cache._PATCH_EPOCH[0] += 1  # existing caches must hand out real keys/values again
-    for mod in _attention_modules(model):
-        mod.scaled_dot_product_attention = _STOCK_SDPA
+    seam.release_sdpa(_attention_modules(model))
+
+
+@contextlib.contextmanager
+def mixed_attention(model: nn.Module) -> Iterator[int]:
+    """:func:`install_attention` for one ``with`` block (yields the module count)."""
+    try:
+        with seam.sdpa_replaced(_attention_modules(model), mixed_scaled_dot_product_attention) as n:
+            yield n
+    finally:
+        _cache._PATCH_EPOCH[0] += 1  # as in uninstall_attention

@@ -25,8 +25,9 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
-from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask, dynamic_roll
+from mlx_lm.models.cache import KVCache, create_attention_mask, dynamic_roll
 
+from .. import mlx_lm_seam
 from ..errors import ConfigError
 from . import quant
 from .quant import QTensor
@@ -49,7 +50,7 @@ def _zeros_like_q(q: QTensor, length: int, batch: int | None = None) -> QTensor:
     )  # type: ignore[return-value]
 
 
-class _MixedBase(_BaseCache):
+class _MixedBase(mlx_lm_seam.base_cache_class()):
     """Shared bits of the single-stream and batch caches."""
 
     step = 256
@@ -415,14 +416,6 @@ def _check_same_format(caches: list[_MixedBase]) -> None:
         )
 
 
-def _register_with_mlx_lm() -> None:
-    """Let stock ``mlx_lm.models.cache.load_prompt_cache`` find our classes by name
-    (it resolves class names in its own module namespace)."""
-    from mlx_lm.models import cache as mlx_cache
-
-    for cls in (MixedKVCache, BatchMixedKVCache):
-        if getattr(mlx_cache, cls.__name__, None) is None:
-            setattr(mlx_cache, cls.__name__, cls)
-
-
-_register_with_mlx_lm()
+# Stock ``mlx_lm.models.cache.load_prompt_cache`` resolves class names in its own module
+# namespace: ours are put there for the life of the process (mlx_lm_seam.hold_cache_classes).
+mlx_lm_seam.hold_cache_classes((MixedKVCache, BatchMixedKVCache))

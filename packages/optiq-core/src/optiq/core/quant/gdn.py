@@ -9,19 +9,18 @@ steps stay sequential. The result equals the step-by-step recurrence up to fp32
 rounding (see tests/test_convert_gdn.py).
 
 :func:`fast_gated_delta` swaps this implementation into the mlx-lm model modules for
-the duration of a ``with`` block, on the CPU only, and only for calls it supports
+the duration of a ``with`` block (through :mod:`optiq.core.mlx_lm_seam`), on the CPU only, and only for calls it supports
 (no mask, scalar gates); everything else goes to the original function.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
-from typing import Iterator
 
 import mlx.core as mx
 
 from ..cpu import exp
+from ..mlx_lm_seam import gated_delta_replaced
 
 # 32 beats 64 on a 2-core CPU (forward 16 vs 26 ms, forward+backward 62 vs 83 ms for 8 x 256
 # tokens, 4 heads of 32): less work in the per-chunk triangular solve and decay matrices.
@@ -135,6 +134,7 @@ def chunked_gated_delta(
 
 
 def _fast_update(original):
+    """The chunked recurrence in place of ``original`` (a module's ``gated_delta_update``)."""
     from mlx_lm.models.gated_delta import compute_g, compute_lower_bound_g
 
     def gated_delta_update(
@@ -163,27 +163,16 @@ def _fast_update(original):
             return gated_delta_ops(q, k, v, g, beta, state, None)
         return chunked_gated_delta(q, k, v, g, beta, state)
 
-    gated_delta_update._optiq_fast = True
     return gated_delta_update
 
 
-@contextlib.contextmanager
-def fast_gated_delta() -> Iterator[None]:
-    """Within the block, mlx-lm models imported so far use the chunked recurrence on CPU."""
-    patched = []
-    for name, mod in list(sys.modules.items()):
-        if not name.startswith("mlx_lm.models.") or mod is None:
-            continue
-        fn = getattr(mod, "gated_delta_update", None)
-        if fn is None or getattr(fn, "_optiq_fast", False) or name.endswith(".gated_delta"):
-            continue
-        setattr(mod, "gated_delta_update", _fast_update(fn))
-        patched.append((mod, fn))
-    try:
-        yield
-    finally:
-        for mod, fn in patched:
-            setattr(mod, "gated_delta_update", fn)
+def fast_gated_delta() -> contextlib.AbstractContextManager[int]:
+    """Within the block, mlx-lm models imported so far use the chunked recurrence on CPU.
+
+    Nests (the outermost block restores mlx-lm's function) and checks mlx-lm's signature
+    first (:func:`optiq.core.mlx_lm_seam.gated_delta_replaced`).
+    """
+    return gated_delta_replaced(_fast_update)
 
 
 __all__ = ["chunked_gated_delta", "fast_gated_delta"]
