@@ -406,6 +406,7 @@ def test_node_client_streams_and_cancels(server, client):
                          capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr + out.stdout
     seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["health"] == "SERVING"  # via proto/grpc/health/v1/health.proto alone
     assert seen["reason"] == "FINISH_REASON_LENGTH" and seen["completion_tokens"] == 8
     assert seen["cancel_code"] == grpc.StatusCode.CANCELLED.value[0]
     assert seen["active_after_cancel"] == 0
