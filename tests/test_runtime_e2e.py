@@ -384,6 +384,19 @@ def test_cli_generate_against_server(server):
     assert "8 generated tokens" in out.stderr
 
 
+def test_cli_generate_says_when_only_hidden_reasoning_came(server):
+    cmd = [sys.executable, "-m", "optiq.cli.main", "generate", "What is a lawyer?", "--think",
+           "--port", str(server.port), "--max-tokens", "4"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_S)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""  # the budget ran out inside <think>...</think>
+    note = [line for line in out.stderr.splitlines() if line.startswith("note:")]
+    assert note == ["note: no answer, only 4 hidden reasoning tokens: use --show-thinking "
+                    "to see them (or a larger --max-tokens)"]
+    shown = subprocess.run([*cmd, "--show-thinking"], capture_output=True, text=True, timeout=HANG_S)
+    assert shown.returncode == 0 and shown.stdout.strip() and "note:" not in shown.stderr
+
+
 def test_cli_chat_against_server(server):
     out = subprocess.run(
         [sys.executable, "-m", "optiq.cli.main", "chat", "--port", str(server.port),
