@@ -49,39 +49,27 @@ HERE = Path(__file__).resolve()
 # ---------------------------------------------------------------------------- setup
 
 
+class ConvertFailed(RuntimeError):
+    """``optiq convert`` did not produce the quant the benchmark was asked to measure."""
+
+
 def quantized_model(base: Path, out: Path, convert_args: list[str]) -> tuple[Path, str]:
-    """The model's OptiQ quant (``optiq convert`` with ``convert_args``) if the convert
-    command is available, else a mixed 4/8-bit copy (8 bits for the last block and the
-    attention value projections)."""
+    """The model's OptiQ quant (``optiq convert`` with ``convert_args``).
+
+    A failed convert stops the benchmark: numbers measured on some other model would be
+    reported under the wrong name.
+    """
     out.mkdir(parents=True, exist_ok=True)
     quant = out / ("quant" + "_".join(a.strip("-") for a in convert_args))
     cmd = [sys.executable, "-m", "optiq.cli.main", "convert", str(base), "-o", str(quant), *convert_args]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        if r.returncode == 0 and (quant / "config.json").exists():
-            return quant, f"optiq convert {' '.join(convert_args) or '(defaults)'}"
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    import optiq.core  # noqa: F401
-    from mlx_lm.utils import load_model, quantize_model, save_config, save_model
-
-    model, config = load_model(base)
-    eight = ("layers.7.", "self_attn.v_proj")
-
-    def predicate(path, module):
-        if not hasattr(module, "to_quantized") or "embed" in path:
-            return False
-        return {"bits": 8 if any(e in path for e in eight) else 4, "group_size": 64}
-
-    model, config = quantize_model(model, config, 64, 4, quant_predicate=predicate)
-    shutil.rmtree(quant, ignore_errors=True)
-    save_model(quant, model)
-    save_config(config, quant / "config.json")
-    for f in base.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
-            "config.json", "model.safetensors.index.json"):
-            shutil.copy(f, quant / f.name)
-    return quant, "mixed 4/8-bit fallback (optiq convert unavailable)"
+    except subprocess.TimeoutExpired:
+        raise ConvertFailed(f"`{' '.join(cmd)}` did not finish in 30 minutes") from None
+    if r.returncode != 0 or not (quant / "config.json").exists():
+        why = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConvertFailed(f"`{' '.join(cmd)}` failed (exit {r.returncode}): {why}")
+    return quant, f"optiq convert {' '.join(convert_args) or '(defaults)'}"
 
 
 def make_data(base: Path, out: Path, n_train: int, n_valid: int, tokens: int) -> Path:
@@ -441,4 +429,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConvertFailed as e:
+        sys.exit(f"error: {e}")

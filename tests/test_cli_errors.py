@@ -90,3 +90,26 @@ def test_help_and_version():
         assert cmd in out
     ver = subprocess.run([OPTIQ, "--version"], capture_output=True, text=True, check=True).stdout
     assert ver.strip() == "optiq, version 0.1.0"
+
+
+def _adapter_dir(tmp_path, config) -> Path:
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps(config))
+    return d
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"fine_tune_type": "lora", "model": "/nowhere/base-model"}, "/nowhere/base-model"),
+    ({"fine_tune_type": "lora"}, "does not name the adapter's base model"),
+])
+def test_fuse_without_a_readable_base_is_an_error_not_the_bundled_model(capsys, tmp_path, config, says):
+    adapter = _adapter_dir(tmp_path, config)
+    out = tmp_path / "fused"
+    with pytest.raises(SystemExit) as exc:
+        main(["lora", "fuse", "--adapter", str(adapter), "-o", str(out)])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert says in err and "pass the base model as MODEL" in err
+    assert not out.exists()  # nothing was fused into a model the adapter was not trained on

@@ -214,6 +214,32 @@ def test_calibration_renders_chats_with_the_model_template(bundled_model_dir, tm
     assert build_calibration(tok, None, n_sequences=10_000, seq_len=256).tokens.shape[0] >= 32
 
 
+REJECTS_TOOL_TURNS = ("{% for m in messages %}{% if m.role == 'tool' %}"
+                      "{{ raise_exception('tool turns are not supported') }}{% endif %}{{ m.content }}{% endfor %}")
+
+
+def test_calibration_chat_the_template_cannot_render_is_an_error(bundled_model_dir, tmp_path):
+    """No silent "role: content" rendering: the measurement would see another format."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from mlx_lm.utils import load
+
+    from optiq.core.quant.calibration import build_calibration
+
+    p = tmp_path / "c.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"text": "plain words " * 40},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]},
+    ]))
+    _, tok = load(str(bundled_model_dir), lazy=True)
+    tok._tokenizer.chat_template = REJECTS_TOOL_TURNS
+    with pytest.raises(DataError, match=r"c\.jsonl: chat record 2: the model's chat template rejected "
+                                        r"this conversation \(TemplateError: tool turns are not supported\)"):
+        build_calibration(tok, p, n_sequences=4, seq_len=32)
+    tok._tokenizer.chat_template = None
+    with pytest.raises(DataError, match=r"chat record 2: 'messages' records need a chat template.*\{\"text\""):
+        build_calibration(TokenizerWrapper(tok._tokenizer), p, n_sequences=4, seq_len=32)
+
+
 @pytest.mark.parametrize("bits", [3, 4, 8])
 def test_rtn_error_is_mlx_lm_convert_rounding_minus_weight(bits):
     """The fisher estimate's fake-quant (in MLX) equals what ``rtn`` rounding writes."""

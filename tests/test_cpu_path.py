@@ -85,3 +85,31 @@ def test_openblas_switch():
     from optiq.core.blas import find_openblas
 
     assert on == str(find_openblas())
+
+
+@pytest.mark.parametrize("missing, warns", [
+    ("optiq.kernels", False),  # the optional extra is not installed: pure MLX, quietly
+    ("optiq.kernels._ext", True),  # installed but its extension was never built: say so
+])
+def test_only_absent_kernels_fall_back_quietly(monkeypatch, caplog, missing, warns):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def absent(name, globals=None, locals=None, fromlist=(), level=0):
+        full = name if level == 0 else f"optiq.kernels.{fromlist[0]}" if fromlist else name
+        if full == missing:
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+        return real_import(name, globals, locals, fromlist, level)
+
+    for mod in ("optiq.kernels", "optiq.kernels._ext"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    monkeypatch.setattr(builtins, "__import__", absent)
+    cpu._load_kernels.cache_clear()
+    try:
+        with caplog.at_level("DEBUG", logger=cpu.log.name):
+            assert cpu.kernels() is None
+        levels = {r.levelname for r in caplog.records if missing in r.getMessage()}
+        assert levels == ({"WARNING"} if warns else {"DEBUG"})
+    finally:
+        cpu._load_kernels.cache_clear()

@@ -265,6 +265,7 @@ def test_deadline_exceeded_frees_slot(client):
 
 
 def test_resource_exhausted_when_queue_full(client):
+    before = wait_idle(client)
     calls = [client.generate(prompt="Once upon a time", max_tokens=100_000, ignore_eos=True)
              for _ in range(CONCURRENCY + QUEUE)]
     def drain(call):  # consume in the background: the server never waits on flow control
@@ -284,7 +285,10 @@ def test_resource_exhausted_when_queue_full(client):
             collect(client.generate(prompt="one more", max_tokens=4))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "capacity" in e.value.details()
-        assert client.load().requests_rejected >= 1
+        load = client.load()  # counted once, as rejected, and not as accepted or invalid
+        assert load.requests_rejected == before.requests_rejected + 1
+        assert load.requests_total == before.requests_total + CONCURRENCY + QUEUE
+        assert load.requests_invalid == before.requests_invalid
     finally:
         for c in calls:
             c.cancel()
@@ -315,18 +319,29 @@ def test_resource_exhausted_when_queue_full(client):
     ],
 )
 def test_bad_requests_are_invalid_argument(client, kwargs, message):
+    before = wait_idle(client)
     with pytest.raises(grpc.RpcError) as e:
         collect(client.generate(**kwargs))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in e.value.details()
+    assert_counted_invalid(before, client.load())
+
+
+def assert_counted_invalid(before, load):
+    """One INVALID_ARGUMENT refusal: requests_invalid + 1, nothing else counted."""
+    assert load.requests_invalid == before.requests_invalid + 1
+    assert load.requests_rejected == before.requests_rejected
+    assert load.requests_total == before.requests_total
 
 
 def test_prompt_longer_than_context_is_invalid_argument(client):
     n = client.model_info().context_length
+    before = wait_idle(client)
     with pytest.raises(grpc.RpcError) as e:
         collect(client.generate(token_ids=[5] * n, max_tokens=1))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "context limit" in e.value.details()
+    assert_counted_invalid(before, client.load())
 
 
 def test_generation_stops_at_context_limit(client):
@@ -369,6 +384,19 @@ def test_cli_generate_against_server(server):
     assert "8 generated tokens" in out.stderr
 
 
+def test_cli_generate_says_when_only_hidden_reasoning_came(server):
+    cmd = [sys.executable, "-m", "optiq.cli.main", "generate", "What is a lawyer?", "--think",
+           "--port", str(server.port), "--max-tokens", "4"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_S)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""  # the budget ran out inside <think>...</think>
+    note = [line for line in out.stderr.splitlines() if line.startswith("note:")]
+    assert note == ["note: no answer, only 4 hidden reasoning tokens: use --show-thinking "
+                    "to see them (or a larger --max-tokens)"]
+    shown = subprocess.run([*cmd, "--show-thinking"], capture_output=True, text=True, timeout=HANG_S)
+    assert shown.returncode == 0 and shown.stdout.strip() and "note:" not in shown.stderr
+
+
 def test_cli_chat_against_server(server):
     out = subprocess.run(
         [sys.executable, "-m", "optiq.cli.main", "chat", "--port", str(server.port),
@@ -406,6 +434,7 @@ def test_node_client_streams_and_cancels(server, client):
                          capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr + out.stdout
     seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["health"] == "SERVING"  # via proto/grpc/health/v1/health.proto alone
     assert seen["reason"] == "FINISH_REASON_LENGTH" and seen["completion_tokens"] == 8
     assert seen["cancel_code"] == grpc.StatusCode.CANCELLED.value[0]
     assert seen["active_after_cancel"] == 0

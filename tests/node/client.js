@@ -2,8 +2,8 @@
 //
 //   node client.js HOST:PORT PROTO_ROOT
 //
-// Streams one generation, then starts another and cancels it, and checks that the
-// server frees the slot. Prints one JSON line with what it saw; exits non-zero on
+// Checks health with the shipped grpc/health/v1/health.proto, streams one generation,
+// then starts another and cancels it, and checks that the server frees the slot. Prints one JSON line with what it saw; exits non-zero on
 // any failed expectation. Run by tests/test_runtime_e2e.py.
 "use strict";
 
@@ -26,6 +26,14 @@ const definition = protoLoader.loadSync("optiq/v1/generation.proto", {
   oneofs: true,
 });
 const optiq = grpc.loadPackageDefinition(definition).optiq.v1;
+const healthDefinition = protoLoader.loadSync("grpc/health/v1/health.proto", {
+  includeDirs: [path.resolve(protoRoot)],
+  keepCase: true,
+  enums: String,
+});
+const health = new (grpc.loadPackageDefinition(healthDefinition).grpc.health.v1.Health)(
+  target, grpc.credentials.createInsecure()
+);
 const client = new optiq.GenerationService(target, grpc.credentials.createInsecure(), {
   "grpc.max_receive_message_length": 16 * 1024 * 1024,
   "grpc.max_send_message_length": 16 * 1024 * 1024,
@@ -75,6 +83,10 @@ async function waitIdle(timeoutMs) {
 }
 
 async function main() {
+  const serving = await new Promise((resolve, reject) =>
+    health.Check({ service: "optiq.v1.GenerationService" }, (err, res) => (err ? reject(err) : resolve(res)))
+  );
+  if (serving.status !== "SERVING") fail("health " + serving.status);
   const info = await unary("GetModelInfo", {});
 
   // 1. A streamed generation: deltas, then exactly one final event, last.
@@ -106,6 +118,7 @@ async function main() {
 
   console.log(
     JSON.stringify({
+      health: serving.status,
       model_id: info.model_id,
       tokens: ids,
       text,
@@ -117,6 +130,7 @@ async function main() {
     })
   );
   client.close();
+  health.close();
 }
 
 main().catch((err) => fail(err.stack || String(err)));

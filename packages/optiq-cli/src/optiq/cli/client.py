@@ -80,12 +80,14 @@ def stream_to_terminal(call: Any, *, show_thinking: bool, stats: bool) -> tuple[
     content: list[str] = []
     final = None
     in_reasoning = False
+    hidden = 0  # reasoning tokens not printed
     for r in call:
         if r.HasField("finished"):
             final = r.finished
             break
         d = r.delta
         if d.channel == pb.CHANNEL_REASONING:
+            hidden += 0 if show_thinking else len(d.token_ids)
             if show_thinking and d.text:
                 click.echo(click.style(d.text, dim=True), nl=False)
                 in_reasoning = True
@@ -97,21 +99,24 @@ def stream_to_terminal(call: Any, *, show_thinking: bool, stats: bool) -> tuple[
         click.echo(d.text, nl=False)
         sys.stdout.flush()
     click.echo()
-    if final is not None:
-        if final.reason == pb.FINISH_REASON_ERROR:
-            from optiq.core.errors import OptiQError
+    if final is not None and final.reason == pb.FINISH_REASON_ERROR:
+        from optiq.core.errors import OptiQError
 
-            raise OptiQError(f"generation failed: {final.error}")
-        if stats:
-            u = final.usage
-            tps = u.completion_tokens / (u.decode_time_ms / 1e3) if u.decode_time_ms else 0.0
-            click.echo(
-                f"[{pb.FinishReason.Name(final.reason).removeprefix('FINISH_REASON_').lower()}: "
-                f"{u.prompt_tokens} prompt + {u.completion_tokens} generated tokens "
-                f"({u.reasoning_tokens} reasoning); TTFT {u.time_to_first_token_ms:.0f} ms; "
-                f"{tps:.1f} tok/s]",
-                err=True,
-            )
+        raise OptiQError(f"generation failed: {final.error}")
+    if hidden and not "".join(content).strip():
+        # an empty answer with exit 0 would look like a broken model or server
+        click.echo(f"note: no answer, only {hidden} hidden reasoning token{'s' * (hidden != 1)}: "
+                   "use --show-thinking to see them (or a larger --max-tokens)", err=True)
+    if final is not None and stats:
+        u = final.usage
+        tps = u.completion_tokens / (u.decode_time_ms / 1e3) if u.decode_time_ms else 0.0
+        click.echo(
+            f"[{pb.FinishReason.Name(final.reason).removeprefix('FINISH_REASON_').lower()}: "
+            f"{u.prompt_tokens} prompt + {u.completion_tokens} generated tokens "
+            f"({u.reasoning_tokens} reasoning); TTFT {u.time_to_first_token_ms:.0f} ms; "
+            f"{tps:.1f} tok/s]",
+            err=True,
+        )
     return "".join(content), final
 
 

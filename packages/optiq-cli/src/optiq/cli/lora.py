@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -166,19 +165,14 @@ def export_cmd(adapter, fmt, output, base_model, layout, best) -> None:
 @click.option("--dequantize", is_flag=True, help="Write a float model (keeps the whole update).")
 @click.option("--best", is_flag=True, help="Fuse best_adapters.safetensors instead of the last weights.")
 def fuse_cmd(model, adapter, output, dequantize, best) -> None:
-    """Merge ADAPTER into MODEL (default: the adapter's base model) and save it to -o."""
+    """Merge ADAPTER into MODEL and save it to -o.
+
+    MODEL defaults to the base model the adapter records; when that cannot be read here
+    (moved, or trained on another machine) it is an error: give MODEL.
+    """
     import optiq.core  # noqa: F401
     from optiq.train.fuse import fuse_adapter
 
-    if model is None:
-        cfg_file = Path(adapter) / "adapter_config.json"
-        if cfg_file.exists():
-            try:
-                model = json.loads(cfg_file.read_text()).get("model")
-            except json.JSONDecodeError:
-                model = None
-            if model and not Path(model).exists():
-                model = None
     r = fuse_adapter(model, adapter, output, dequantize=dequantize, weights_file=_weights_file(best))
     click.echo(f"fused {r.modules} modules into {r.output}")
     if r.mean_update_error is not None:

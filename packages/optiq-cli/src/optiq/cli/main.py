@@ -51,7 +51,9 @@ class LazyGroup(click.Group):
 def cli() -> None:
     """OptiQ: make language models small and fast on MLX.
 
-    MODEL arguments default to the bundled tiny Qwen3.5-style model.
+    MODEL arguments default to the bundled tiny Qwen3.5-style model; otherwise give a
+    local model directory or a Hugging Face id (org/name) in the local HF cache (never
+    downloaded).
     """
 
 

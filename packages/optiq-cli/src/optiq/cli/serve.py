@@ -33,7 +33,7 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, Path]:
 @click.command()
 @model_argument
 @click.option("--model", "model_opt", default=None, metavar="M",
-              help="Model directory (same as MODEL; default: the bundled model).")
+              help="Model directory or cached Hugging Face id (same as MODEL; default: the bundled model).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback requires an API key.")
 @click.option("--port", default=50051, show_default=True, type=int, help="0 picks a free port.")

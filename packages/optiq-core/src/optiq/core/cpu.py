@@ -64,13 +64,14 @@ def kernels() -> Any:
 def _load_kernels() -> Any:
     if os.environ.get("OPTIQ_KERNELS", "1") == "0":
         return None
+    # optiq-kernels is an optional extra (optiq-core[kernels]): only its absence is quiet.
     try:
         import optiq.kernels as k
-    except ModuleNotFoundError as e:  # not installed: the pure-MLX path is the expected one
-        log.debug("optiq.kernels is not installed, using pure MLX: %s", e)
-        return None
-    except ImportError as e:  # installed but unusable (e.g. built for another MLX): say so
-        log.warning("optiq.kernels did not load, falling back to pure MLX (slower on the CPU): %s", e)
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == "optiq.kernels":
+            log.debug("optiq.kernels is not installed, using pure MLX: %s", e)
+        else:  # installed but unusable (not built, built for another MLX): say so
+            log.warning("optiq.kernels did not load, falling back to pure MLX (slower on the CPU): %s", e)
         return None
     return k
 
@@ -215,12 +216,10 @@ def _kernel_gather_matmul(layer: nn.Module, x: mx.array, indices: mx.array) -> m
     return y.reshape(*batch, rows, -1).astype(x.dtype)
 
 
-def _switch_classes():
+def _switch_classes() -> tuple[type, type]:
     from .mlx_lm_seam import switch_linear_class
 
     QuantizedSwitchLinear = switch_linear_class()  # its __call__ signature checked
-    if QuantizedSwitchLinear is None:  # pragma: no cover - older mlx-lm
-        return None
 
     class CPUQuantizedSwitchLinear(QuantizedSwitchLinear):
         """MoE expert pool: dequantize the pool and use gather_mm when the experts get many
@@ -265,9 +264,7 @@ def cast_floats(model: nn.Module, dtype: mx.Dtype = mx.float32) -> None:
 def swap_quantized_layers(model: nn.Module) -> int:
     """Replace MLX quantized layers by their CPU-path subclasses, in place."""
     swaps = [(nn.QuantizedLinear, CPUQuantizedLinear), (nn.QuantizedEmbedding, CPUQuantizedEmbedding)]
-    switch = _switch_classes()
-    if switch:
-        swaps.append(switch)
+    swaps.append(_switch_classes())
     n = 0
     for _, module in model.named_modules():
         for base, fast in swaps:

@@ -347,12 +347,10 @@ def calls_wrapped(classes: Iterable[type], wrap: Callable[[Callable], Callable])
     return _swapped([(c, "__call__") for c in classes], wrap, wrap, _check_python_call)
 
 
-def switch_linear_class() -> type | None:
-    """mlx-lm's ``QuantizedSwitchLinear`` (OptiQ subclasses its ``__call__``), or None if absent."""
-    try:
-        from mlx_lm.models.switch_layers import QuantizedSwitchLinear
-    except ImportError:
-        return None
+def switch_linear_class() -> type:
+    """mlx-lm's ``QuantizedSwitchLinear`` (OptiQ subclasses its ``__call__``)."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
     require_params(QuantizedSwitchLinear.__call__, "QuantizedSwitchLinear.__call__", SWITCH_LINEAR_CALL)
     return QuantizedSwitchLinear
 

@@ -1,13 +1,18 @@
 """Find, validate and load models from local HF-style directories.
 
-Stock ``mlx_lm.load`` fails late and unclearly on bad directories (and "succeeds" with
-an empty tokenizer when ``tokenizer.json`` is missing), so everything is checked here
-first and reported as a :class:`ModelLoadError` a user can act on.
+A model is named by a local directory, ``bundled`` / ``bundled-quant``, or a Hugging
+Face id ``org/name`` already in the local Hugging Face cache (never downloaded: see
+:func:`resolve_hf_id`). Stock ``mlx_lm.load`` fails late and unclearly on bad
+directories (and "succeeds" with an empty tokenizer when ``tokenizer.json`` is
+missing), so everything is checked here first and reported as a
+:class:`ModelLoadError` a user can act on.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +41,70 @@ def has_bundled_quant() -> bool:
     return (bundled_quant_path() / "config.json").is_file()
 
 
+# a Hugging Face repo id: "org/name" (no leading ".", "/" or "~", so never a path form)
+_HF_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_HF_SNAPSHOT = re.compile(r"models--(.+?)--(.+)")
+
+
+def hf_hub_cache() -> Path:
+    """The local Hugging Face hub cache, as huggingface_hub finds it: ``$HF_HUB_CACHE``,
+    else ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else
+    ``~/.cache/huggingface/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+def is_hf_id(name: str) -> bool:
+    """Whether ``name`` has the form of a Hugging Face model id (``org/name``)."""
+    return _HF_ID.fullmatch(name) is not None
+
+
+def resolve_hf_id(model_id: str) -> Path:
+    """The snapshot directory of ``model_id`` in the local cache, at the revision its
+    ``refs/main`` names. Reads the cache layout only: no network, nothing downloaded
+    (a model that is not there is an error, as with ``HF_HUB_OFFLINE=1``)."""
+    cache = hf_hub_cache()
+    repo = cache / ("models--" + model_id.replace("/", "--"))
+    where = (f"model {model_id!r} is not a local directory, and as a Hugging Face id it is not "
+             f"in the local cache {cache} (HF_HUB_CACHE, else HF_HOME/hub)")
+    fix = (f"download it first (e.g. `huggingface-cli download {model_id}`), point HF_HUB_CACHE "
+           "at the cache that has it, or give a local directory")
+    if not repo.is_dir():
+        raise ModelLoadError(f"{where}: no {repo}; {fix}")
+    ref = repo / "refs" / "main"
+    snapshots = sorted(p.name for p in (repo / "snapshots").glob("*") if p.is_dir())
+    if not ref.is_file():
+        have = f"snapshots there: {', '.join(snapshots)}" if snapshots else "no snapshots there"
+        raise ModelLoadError(
+            f"{where}: {repo} has no refs/main to name the revision ({have}); {fix}, "
+            "or give a snapshot directory as a path"
+        )
+    revision = ref.read_text().strip()
+    snapshot = repo / "snapshots" / revision
+    if not snapshot.is_dir():
+        raise ModelLoadError(f"{where}: {ref} names revision {revision!r} but {snapshot} is missing; {fix}")
+    return snapshot
+
+
+def model_name(path: Path) -> str:
+    """A short name for a model directory: ``org/name`` for a Hugging Face cache
+    snapshot, else the directory's name."""
+    path = Path(path)
+    if path.parent.name == "snapshots":
+        m = _HF_SNAPSHOT.fullmatch(path.parent.parent.name)
+        if m:
+            return f"{m.group(1)}/{m.group(2)}"
+    return path.name
+
+
 def resolve_model_path(model: str | Path | None) -> Path:
     """``None`` or ``"bundled"`` means the bundled model, ``"bundled-quant"`` its OptiQ
-    quant; anything else is a local dir (which wins over a bundled name it shares)."""
+    quant, ``org/name`` a Hugging Face id in the local cache; a local directory that
+    exists always wins (over a bundled name or an id it shares)."""
     if model is None or str(model) == "":
         return bundled_model_path()
     name = str(model)
@@ -53,6 +119,8 @@ def resolve_model_path(model: str | Path | None) -> Path:
                 "`uv run python tools/build_bundled_quant.py`, or use 'bundled' (the float model)"
             )
         return bundled_quant_path()
+    if isinstance(model, str) and is_hf_id(name):
+        return resolve_hf_id(name)
     return Path(model).expanduser()
 
 

@@ -315,7 +315,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("active_requests", "queued_requests", "max_concurrency", "max_queue", "requests_total", "requests_cancelled", "requests_rejected", "requests_failed", "generated_tokens_total", "prompt_tokens_total", "decode_steps_total", "uptime_s", "serving", "prompt_cache_lookups", "prompt_cache_hits", "prompt_cache_tokens_total", "prompt_cache_bytes", "prompt_cache_entries", "prompt_cache_evictions")
+    __slots__ = ("active_requests", "queued_requests", "max_concurrency", "max_queue", "requests_total", "requests_cancelled", "requests_rejected", "requests_failed", "generated_tokens_total", "prompt_tokens_total", "decode_steps_total", "uptime_s", "serving", "prompt_cache_lookups", "prompt_cache_hits", "prompt_cache_tokens_total", "prompt_cache_bytes", "prompt_cache_entries", "prompt_cache_evictions", "requests_invalid")
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
@@ -335,6 +335,7 @@ class GetLoadResponse(_message.Message):
     PROMPT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CACHE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_INVALID_FIELD_NUMBER: _ClassVar[int]
     active_requests: int
     queued_requests: int
     max_concurrency: int
@@ -354,4 +355,5 @@ class GetLoadResponse(_message.Message):
     prompt_cache_bytes: int
     prompt_cache_entries: int
     prompt_cache_evictions: int
-    def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., max_queue: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., requests_failed: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., decode_steps_total: _Optional[int] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ..., prompt_cache_lookups: _Optional[int] = ..., prompt_cache_hits: _Optional[int] = ..., prompt_cache_tokens_total: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., prompt_cache_entries: _Optional[int] = ..., prompt_cache_evictions: _Optional[int] = ...) -> None: ...
+    requests_invalid: int
+    def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., max_queue: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., requests_failed: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., decode_steps_total: _Optional[int] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ..., prompt_cache_lookups: _Optional[int] = ..., prompt_cache_hits: _Optional[int] = ..., prompt_cache_tokens_total: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., prompt_cache_entries: _Optional[int] = ..., prompt_cache_evictions: _Optional[int] = ..., requests_invalid: _Optional[int] = ...) -> None: ...

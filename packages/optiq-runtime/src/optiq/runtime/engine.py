@@ -146,7 +146,8 @@ class EngineStats:
     queued: int = 0
     requests_total: int = 0
     cancelled: int = 0
-    rejected: int = 0
+    rejected: int = 0  # refused: at capacity (RESOURCE_EXHAUSTED)
+    invalid: int = 0  # refused: a request the client must fix (INVALID_ARGUMENT)
     failed: int = 0
     generated_tokens: int = 0
     prompt_tokens: int = 0
@@ -256,6 +257,11 @@ class Engine:
             # under the lock: once the engine thread has stopped, nothing new gets in
             self._inbox.put(("submit", handle))
         return handle
+
+    def count_invalid(self) -> None:
+        """Count a request refused before submission as invalid (GetLoad.requests_invalid)."""
+        with self._lock:
+            self.stats.invalid += 1
 
     def cancel(self, handle: RequestHandle) -> None:
         """Client-side cancel (RPC cancelled, disconnected, deadline): frees the slot

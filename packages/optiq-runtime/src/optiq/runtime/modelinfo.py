@@ -36,14 +36,14 @@ class ModelSummary:
 def summarize(loaded: Any) -> ModelSummary:
     """Describe ``loaded`` (an ``optiq.core.model_io.LoadedModel``)."""
     from optiq.core.architecture import decoder_layers, parameter_count, quantized_modules
-    from optiq.core.model_io import text_config
+    from optiq.core.model_io import model_name, text_config
 
     cfg = text_config(loaded.config)
     model, tok = loaded.model, loaded.tokenizer
     qmods = quantized_modules(model)
     quant = loaded.config.get("quantization") or {}
     s = ModelSummary(
-        model_id=loaded.path.name,
+        model_id=model_name(loaded.path),
         architecture=str(loaded.config.get("model_type", "")),
         num_layers=len(decoder_layers(model)),
         hidden_size=int(cfg.get("hidden_size") or 0),

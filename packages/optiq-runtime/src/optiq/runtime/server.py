@@ -15,7 +15,6 @@ from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from optiq.v1 import SERVICE_NAME
 from optiq.v1 import generation_pb2 as pb
 from optiq.v1 import generation_pb2_grpc as pb_grpc
@@ -25,6 +24,7 @@ from optiq.core.errors import ConfigError
 from .auth import BearerAuthInterceptor
 from .config import ServeConfig
 from .engine import Engine, LoadedEngineModel
+from .reflection import enable_reflection
 from .service import GenerationService
 
 log = logging.getLogger("optiq.runtime")
@@ -85,11 +85,10 @@ class GenerationServer:
             GenerationService(self.engine, self.defaults, __version__), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
+        enable_reflection(
             (
                 pb.DESCRIPTOR.services_by_name["GenerationService"].full_name,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
             ),
             self._server,
         )

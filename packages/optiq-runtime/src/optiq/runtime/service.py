@@ -264,6 +264,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             req = build_request(request, self.engine, self.defaults)
             handle = self.engine.submit(req)
         except BadRequest as e:
+            self.engine.count_invalid()  # QueueFull is counted by the engine, under its lock
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except QueueFull as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
@@ -377,6 +378,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             requests_total=st.requests_total,
             requests_cancelled=st.cancelled,
             requests_rejected=st.rejected,
+            requests_invalid=st.invalid,
             requests_failed=st.failed,
             generated_tokens_total=st.generated_tokens,
             prompt_tokens_total=st.prompt_tokens,

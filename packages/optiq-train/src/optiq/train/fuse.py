@@ -18,9 +18,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from optiq.core.errors import ConfigError
+from optiq.core.errors import ConfigError, ModelLoadError
 
-from .adapters import ADAPTER_WEIGHTS, load_adapters
+from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapters
 from .ranks import METADATA_FILE
 from .targets import _lora_types
 
@@ -62,6 +62,36 @@ def _update_error(lora: nn.Module, fused: nn.Module) -> float | None:
     return mx.linalg.norm((got - delta).reshape(-1)).item() / norm
 
 
+def adapter_base_model(adapter_dir: Path) -> str:
+    """The base model recorded in the adapter's config, checked to be readable here.
+
+    Fusing into some other model than the one the adapter was trained on would give a
+    wrong model without any error, so a base that cannot be read is an error, never a
+    silent switch to the bundled model.
+    """
+    from optiq.core.model_io import validate_model_dir
+
+    adapter_dir = Path(adapter_dir)
+    cfg_file = adapter_dir / ADAPTER_CONFIG
+    how = f"pass the base model as MODEL: `optiq lora fuse MODEL --adapter {adapter_dir} -o OUT`"
+    if not adapter_dir.is_dir():
+        raise ModelLoadError(f"adapter directory {adapter_dir} does not exist")
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{adapter_dir} has no {ADAPTER_CONFIG}: not an adapter directory")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{cfg_file} is not valid JSON ({e}): {how}") from None
+    base = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base:
+        raise ModelLoadError(f"{cfg_file} does not name the adapter's base model ('model'): {how}")
+    try:
+        validate_model_dir(base)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"the adapter's base model {base} (from {cfg_file}) cannot be read: {e}; {how}") from None
+    return base
+
+
 def fuse_adapter(
     model: str | Path | None,
     adapter_dir: Path,
@@ -70,12 +100,17 @@ def fuse_adapter(
     dequantize: bool = False,
     weights_file: str = ADAPTER_WEIGHTS,
 ) -> FuseResult:
-    """Write ``model`` with the adapter merged in to ``out_dir`` (same layout, same config)."""
+    """Write ``model`` with the adapter merged in to ``out_dir`` (same layout, same config).
+
+    ``model=None`` means the adapter's own base model (:func:`adapter_base_model`).
+    """
     from mlx_lm.utils import dequantize_model, save_config, save_model
 
     from optiq.core.model_io import load_model
 
     out_dir = Path(out_dir)
+    if model is None:
+        model = adapter_base_model(adapter_dir)
     lm = load_model(model, fast_cpu=False)
     if out_dir.exists() and out_dir.resolve() == lm.path.resolve():
         raise ConfigError("fuse into a new directory, not over the base model")

@@ -94,12 +94,10 @@ def read_text(path: Path) -> str:
     return text
 
 
-def _fast_prefill():
-    """The chunked Gated DeltaNet recurrence (fast CPU calibration), when available."""
-    try:
-        from ..quant.gdn import fast_gated_delta
-    except ImportError:  # pragma: no cover - optional speed-up
-        return contextlib.nullcontext()
+def _fast_prefill() -> contextlib.AbstractContextManager:
+    """The chunked Gated DeltaNet recurrence (fast CPU calibration)."""
+    from ..quant.gdn import fast_gated_delta
+
     return fast_gated_delta()
 
 

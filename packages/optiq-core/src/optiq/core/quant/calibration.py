@@ -78,17 +78,32 @@ def load_records(path: str | Path, what: str = "calibration file") -> list[dict[
     return records
 
 
-def render_record(rec: dict[str, Any], tokenizer: Any) -> str:
-    """The text of one record; chat records go through the model's chat template."""
+def _has_chat_template(tokenizer: Any) -> bool:
+    flag = getattr(tokenizer, "has_chat_template", None)  # mlx-lm's TokenizerWrapper
+    if isinstance(flag, bool):
+        return flag
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_record(rec: dict[str, Any], tokenizer: Any, where: str = "a chat record") -> str:
+    """The text of one record; chat records go through the model's chat template.
+
+    A chat the template cannot render is a :class:`DataError`: measuring on some other
+    rendering than the one the model will see would change the result without a word.
+    """
     if "messages" not in rec:
         return rec["text"]
     msgs = [{k: v for k, v in m.items()} for m in rec["messages"]]
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            return tokenizer.apply_chat_template(msgs, tokenize=False)
-        except Exception:  # a template that rejects this conversation: plain rendering
-            pass
-    return "\n".join(f"{m['role']}: {m.get('content', '')}" for m in msgs) + "\n"
+    fix = 'give it as a {"text": ...} record to calibrate on plain text'
+    if not _has_chat_template(tokenizer):
+        raise DataError(f"{where}: 'messages' records need a chat template, and this model's tokenizer has none; {fix}")
+    try:
+        return tokenizer.apply_chat_template(msgs, tokenize=False)
+    except Exception as e:  # jinja raise_exception(), bad roles, ...: the template rejected it
+        raise DataError(
+            f"{where}: the model's chat template rejected this conversation ({type(e).__name__}: {e}); "
+            f"fix the record or {fix}"
+        ) from None
 
 
 @dataclass
@@ -123,13 +138,13 @@ def build_calibration(
         raise DataError("calibration sequence length must be at least 8 tokens")
     src = Path(path) if path is not None else BUNDLED_CALIBRATION
     recs = records if records is not None else load_records(src)
-    recs = list(recs)
-    random.Random(seed).shuffle(recs)
+    order = list(range(len(recs)))
+    random.Random(seed).shuffle(order)
     eos = getattr(tokenizer, "eos_token_id", None)
     ids: list[int] = []
     need = n_sequences * seq_len
-    for rec in recs:
-        text = render_record(rec, tokenizer)
+    for i in order:
+        text = render_record(recs[i], tokenizer, f"{src}: chat record {i + 1}")
         ids.extend(tokenizer.encode(text))
         if eos is not None:
             ids.append(int(eos))
