@@ -51,7 +51,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
 
 from optiq.core.model_io import bundled_model_path
 from optiq.core.tiny_models import build_model, parameter_count, save_model_dir, tiny_config
