@@ -13,7 +13,7 @@ import pytest
 from optiq.core.errors import ConfigError, DataError
 from optiq.core.quant.allocate import Option, allocate, check_target
 from optiq.core.quant.calibration import BUNDLED_CALIBRATION, load_records
-from optiq.core.quant.formats import fitting_group_size, pack, parse_bits, unpack
+from optiq.core.quant.formats import fitting_group_size, pack, unpack
 from optiq.core.quant.gdn import chunked_gated_delta
 from optiq.core.quant.rounding import quantize_weight
 
@@ -29,12 +29,7 @@ def test_pack_matches_mlx_layout(bits):
     assert np.allclose(deq, ref, atol=1e-6)
 
 
-def test_parse_bits_and_group_sizes():
-    assert parse_bits("8, 4,4") == (4, 8)
-    assert parse_bits([2, 3, 5, 6]) == (2, 3, 5, 6)
-    for bad in ("4,7", "1,4", "x", ""):
-        with pytest.raises(ConfigError):
-            parse_bits(bad)
+def test_fitting_group_size():
     assert fitting_group_size(128, 64) == 64
     assert fitting_group_size(96, 64) == 32
     assert fitting_group_size(100, 64) is None

@@ -27,6 +27,7 @@ import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask, dynamic_roll
 
+from ..affine import check_bits, check_group_size
 from ..errors import ConfigError
 from . import quant
 from .quant import QTensor
@@ -55,9 +56,9 @@ class _MixedBase(_BaseCache):
     step = 256
 
     def _init_format(self, k_bits: int, v_bits: int, group_size: int, rotation: str = "hadamard") -> None:
-        self.k_bits = quant.check_bits(k_bits, "k_bits")
-        self.v_bits = quant.check_bits(v_bits, "v_bits")
-        self.group_size = quant.check_group_size(group_size)
+        self.k_bits = check_bits(k_bits, "k_bits")
+        self.v_bits = check_bits(v_bits, "v_bits")
+        self.group_size = check_group_size(group_size)
         self.rotation = quant.check_rotation(rotation)  # how the stored K/V are rotated
         self.keys: QTensor | None = None
         self.values: QTensor | None = None
