@@ -3,7 +3,7 @@
 ``perplexity(model, tokenizer, texts)`` and ``mean_kl(model, ref_model, tokenizer, texts)``
 cut the token stream into non-overlapping windows of ``seq_len`` tokens and score every
 next-token prediction in them. Per-token statistics are computed in numpy fp32 (see
-:mod:`optiq.core.quant.kl`).
+:mod:`optiq.core.kl`).
 
 Both accept ``make_cache``: a callable ``model -> list of per-layer caches`` (e.g. a
 mixed-precision KV cache). With it, each window is fed through the model in chunks of
@@ -26,7 +26,7 @@ import numpy as np
 from .errors import DataError
 from .model_io import bundled_model_path
 from .quant.gdn import fast_gated_delta
-from .quant.kl import RefDist, kl_per_token, nll_per_token
+from .kl import RefDist, kl_per_token, nll_per_token
 
 MakeCache = Callable[[Any], list]
 DEFAULT_SEQ_LEN = 256
