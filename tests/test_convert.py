@@ -304,7 +304,7 @@ def test_targets_report_layers_that_cannot_be_quantized():
 def test_fisher_estimate_agrees_with_measured_kl(bundled_model_dir):
     from optiq.core.cpu import cast_floats
     from optiq.core.model_io import load_model
-    from optiq.core.quant.calibration import build_calibration
+    from optiq.core.calibration import build_calibration
     from optiq.core.quant.fisher import fisher_sensitivities
     from optiq.core.quant.sensitivity import capture_reference, measure_sensitivities
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..affine import check_group_size, parse_bits
+from ..calibration import BUNDLED_CALIBRATION, build_calibration, read_text_file
 from ..errors import ConfigError, DataError
 from . import quant
 
@@ -46,8 +47,6 @@ def calibration_tokens(tokenizer, data: str | Path | None, model_path: Path, n_s
     """
     import mlx.core as mx
 
-    from ..quant.calibration import BUNDLED_CALIBRATION, build_calibration
-
     if data is None:
         local = Path(model_path) / "calibration.txt"
         if BUNDLED_CALIBRATION.exists():
@@ -67,12 +66,8 @@ def calibration_tokens(tokenizer, data: str | Path | None, model_path: Path, n_s
 
 
 def read_text(path: Path) -> str:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"calibration file {path} does not exist") from None
-    except (UnicodeDecodeError, IsADirectoryError) as e:
-        raise DataError(f"calibration file {path} is not readable UTF-8 text: {e}") from None
+    """A plain-text calibration file; a missing, unreadable or empty one is a :class:`DataError`."""
+    text = read_text_file(Path(path), "calibration file")
     if not text.strip():
         raise DataError(f"calibration file {path} is empty")
     return text

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx import nn
 
+from ..calibration import cut_windows
 from ..errors import DataError
 from ..kl import RefDist, kl_per_token
 from .layers import KVLayout, base_cache
@@ -149,12 +150,4 @@ def calibration_sequences(tokenizer, text: str, n_samples: int, seq_len: int, so
     """``n_samples`` windows of ``seq_len`` tokens spread evenly over the tokenized text."""
     if n_samples < 1 or seq_len < 2:
         raise DataError("need n_samples >= 1 and seq_len >= 2")
-    ids = tokenizer.encode(text)
-    if len(ids) < seq_len:
-        raise DataError(
-            f"calibration {source} has {len(ids)} tokens, fewer than --seq-len {seq_len}: "
-            "use a longer text (--data) or a shorter --seq-len"
-        )
-    span = len(ids) - seq_len
-    starts = [round(span * i / (n_samples - 1)) if n_samples > 1 else 0 for i in range(n_samples)]
-    return mx.array([ids[s : s + seq_len] for s in starts], dtype=mx.int32)
+    return mx.array(cut_windows(tokenizer.encode(text), n_samples, seq_len, f"calibration {source}"))
