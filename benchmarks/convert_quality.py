@@ -99,7 +99,7 @@ def main() -> None:
 
     from optiq.core.evaluate import load_texts, token_windows
     from optiq.core.model_io import load_model, resolve_model_path
-    from optiq.core.quant.calibration import build_calibration
+    from optiq.core.calibration import build_calibration
     from optiq.core.quant.convert import convert
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="optiq-quality-"))

@@ -59,7 +59,7 @@ from optiq.core.kv.config import KVConfig
 from optiq.core.kv.layers import base_cache
 from optiq.core.kv.pipeline import run_kv_cache
 from optiq.core.model_io import load_model, resolve_model_path
-from optiq.core.quant.calibration import BUNDLED_CALIBRATION, load_records, render_record
+from optiq.core.calibration import BUNDLED_CALIBRATION, load_records, render_record
 
 PREFILL_STEP = 2048
 

@@ -35,7 +35,7 @@ import optiq.core  # noqa: F401  (OpenBLAS preload before mlx)
 def _tokens(model_path, n, seq_len):
     from mlx_lm.utils import load
 
-    from optiq.core.quant.calibration import build_calibration
+    from optiq.core.calibration import build_calibration
 
     _, tok = load(str(model_path), lazy=True)
     return build_calibration(tok, None, n, seq_len).tokens

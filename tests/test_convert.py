@@ -225,7 +225,7 @@ def test_force_overwrites(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, err, match",
     [
-        (dict(candidate_bits="4,7"), ConfigError, "unsupported candidate bits"),
+        (dict(candidate_bits="4,7"), ConfigError, "candidate bit width 7 cannot be stored"),
         (dict(candidate_bits="4,8", target_bpw=3.5), ConfigError, "below the smallest"),
         (dict(candidate_bits="4,8", target_bpw=8.5), ConfigError, "above the largest"),
         (dict(group_size=48), ConfigError, "group size"),
@@ -258,7 +258,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     bad = tmp_path / "c.jsonl"
     bad.write_text("{oops\n")
     cases = [
-        (["convert", "-o", str(tmp_path / "a"), "--candidate-bits", "4,9"], "unsupported candidate bits"),
+        (["convert", "-o", str(tmp_path / "a"), "--candidate-bits", "4,9"], "candidate bit width 9 cannot be stored"),
         (["convert", "-o", str(tmp_path / "a"), "--target-bpw", "2"], "below the smallest"),
         (["convert", "-o", str(tmp_path), "--method", "static"], "already exists"),
         (["convert", "-o", str(tmp_path / "a"), "--calibration", str(bad)], "not valid JSON"),
@@ -304,7 +304,7 @@ def test_targets_report_layers_that_cannot_be_quantized():
 def test_fisher_estimate_agrees_with_measured_kl(bundled_model_dir):
     from optiq.core.cpu import cast_floats
     from optiq.core.model_io import load_model
-    from optiq.core.quant.calibration import build_calibration
+    from optiq.core.calibration import build_calibration
     from optiq.core.quant.fisher import fisher_sensitivities
     from optiq.core.quant.sensitivity import capture_reference, measure_sensitivities
 

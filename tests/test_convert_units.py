@@ -12,8 +12,8 @@ import pytest
 
 from optiq.core.errors import ConfigError, DataError
 from optiq.core.quant.allocate import Option, allocate, check_target
-from optiq.core.quant.calibration import BUNDLED_CALIBRATION, load_records
-from optiq.core.quant.formats import fitting_group_size, pack, parse_bits, unpack
+from optiq.core.calibration import BUNDLED_CALIBRATION, load_records
+from optiq.core.quant.formats import fitting_group_size, pack, unpack
 from optiq.core.quant.gdn import chunked_gated_delta
 from optiq.core.quant.rounding import quantize_weight
 
@@ -29,12 +29,7 @@ def test_pack_matches_mlx_layout(bits):
     assert np.allclose(deq, ref, atol=1e-6)
 
 
-def test_parse_bits_and_group_sizes():
-    assert parse_bits("8, 4,4") == (4, 8)
-    assert parse_bits([2, 3, 5, 6]) == (2, 3, 5, 6)
-    for bad in ("4,7", "1,4", "x", ""):
-        with pytest.raises(ConfigError):
-            parse_bits(bad)
+def test_fitting_group_size():
     assert fitting_group_size(128, 64) == 64
     assert fitting_group_size(96, 64) == 32
     assert fitting_group_size(100, 64) is None
@@ -198,7 +193,7 @@ def test_calibration_missing_and_binary_files(tmp_path):
 def test_calibration_renders_chats_with_the_model_template(bundled_model_dir, tmp_path):
     from mlx_lm.utils import load
 
-    from optiq.core.quant.calibration import build_calibration, render_record
+    from optiq.core.calibration import build_calibration, render_record
 
     _, tok = load(str(bundled_model_dir), lazy=True)
     chat = {"messages": [{"role": "user", "content": "What is 2+2?"},
@@ -257,7 +252,7 @@ def test_reference_and_estimate_equals_separate_passes(bundled_model_dir):
     """One forward+backward gives the same reference and estimates as the two-pass path."""
     from optiq.core.cpu import cast_floats
     from optiq.core.model_io import load_model
-    from optiq.core.quant.calibration import build_calibration
+    from optiq.core.calibration import build_calibration
     from optiq.core.quant.fisher import fisher_sensitivities, reference_and_estimate
     from optiq.core.quant.sensitivity import capture_reference
     from optiq.core.quant.targets import find_targets

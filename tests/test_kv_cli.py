@@ -102,7 +102,7 @@ def test_calibration_text_too_short(model_dir, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("just a few words")
     code, _, err = run_cli(["kv-cache", str(model_dir), "--data", str(short), "-o", str(tmp_path)], capsys)
-    assert code == 1 and "fewer than --seq-len" in err
+    assert code == 1 and "fewer than one window of 512" in err
 
 
 def test_model_without_kv_layers(model_dir, tmp_path, capsys):

@@ -19,7 +19,6 @@ from optiq.core.kv.config import (
     uniform_kv_config,
 )
 from optiq.core.kv.layers import KVLayer, KVLayout, SkippedLayer
-from optiq.core.kv.pipeline import parse_candidate_bits
 from optiq.core.kv.sensitivity import KVSensitivity
 
 GDN = "fixed-size recurrent state"
@@ -72,7 +71,7 @@ def test_validation_errors():
     assert "layer 0 has no KV cache (ArraysCache" in _errors(lambda d: d["layers"].append({"layer": 0, "k_bits": 4, "v_bits": 4}))
     assert "k_bits 7 cannot be stored" in _errors(lambda d: d["layers"][0].update(k_bits=7))
     assert "v_bits 16 cannot be stored" in _errors(lambda d: d["layers"][0].update(v_bits=16))
-    assert "supported widths are 2, 3, 4, 5, 6, 8" in _errors(lambda d: d["layers"][0].update(k_bits=1))
+    assert "MLX affine quantization takes 2, 3, 4, 5, 6, 8 bits" in _errors(lambda d: d["layers"][0].update(k_bits=1))
     assert "no bits given for KV layer(s) [7]" in _errors(lambda d: d["layers"].pop())
     assert "listed twice" in _errors(lambda d: d["layers"].append(dict(d["layers"][0])))
     assert "not one of the model's KV layers" in _errors(lambda d: d["layers"].append({"layer": 12, "k_bits": 4, "v_bits": 4}))
@@ -143,14 +142,6 @@ def test_wrong_model_is_refused():
                             tuple(SkippedLayer(i, "ArraysCache", GDN) for i in range(7)))
     with pytest.raises(ConfigError, match="layer 3 has no KV cache in this model"):
         check_matches_model(cfg, other_hybrid)
-
-
-def test_candidate_bits_parsing():
-    assert parse_candidate_bits("8,4,4") == (4, 8)
-    with pytest.raises(ConfigError, match="7 cannot be stored"):
-        parse_candidate_bits("4,7")
-    with pytest.raises(ConfigError, match="comma-separated integers"):
-        parse_candidate_bits("4,eight")
 
 
 def test_bits_per_element():

@@ -3,7 +3,7 @@
 ``perplexity(model, tokenizer, texts)`` and ``mean_kl(model, ref_model, tokenizer, texts)``
 cut the token stream into non-overlapping windows of ``seq_len`` tokens and score every
 next-token prediction in them. Per-token statistics are computed in numpy fp32 (see
-:mod:`optiq.core.quant.kl`).
+:mod:`optiq.core.kl`).
 
 Both accept ``make_cache``: a callable ``model -> list of per-layer caches`` (e.g. a
 mixed-precision KV cache). With it, each window is fed through the model in chunks of
@@ -23,10 +23,11 @@ from typing import Any, Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .calibration import cut_windows
 from .errors import DataError
+from .kl import RefDist, kl_per_token, nll_per_token
 from .model_io import bundled_model_path
 from .quant.gdn import fast_gated_delta
-from .quant.kl import RefDist, kl_per_token, nll_per_token
 
 MakeCache = Callable[[Any], list]
 DEFAULT_SEQ_LEN = 256
@@ -43,7 +44,7 @@ def load_texts(path: str | Path | None = None) -> list[str]:
     ``None`` reads the bundled held-out text. Chat records are kept as message lists
     (rendered later with the tokenizer's chat template).
     """
-    from .quant.calibration import load_records, read_text_file
+    from .calibration import load_records, read_text_file
 
     p = Path(path).expanduser() if path is not None else default_eval_text()
     if p.suffix == ".jsonl":
@@ -61,7 +62,7 @@ def _render(text: str, tokenizer: Any) -> str:
             msgs = json.loads(text)
         except json.JSONDecodeError:
             return text
-        from .quant.calibration import render_record
+        from .calibration import render_record
 
         return render_record({"messages": msgs}, tokenizer)
     return text
@@ -83,12 +84,10 @@ def token_windows(
         if eos is not None and len(texts) > 1:
             ids.append(int(eos))
     w = seq_len + 1
-    n = len(ids) // w
+    n = max(1, len(ids) // w)
     if max_tokens is not None:
         n = min(n, max(1, max_tokens // seq_len))
-    if n < 1:
-        raise DataError(f"evaluation text has {len(ids)} tokens: fewer than one window of {w}")
-    return np.array(ids[: n * w], dtype=np.int32).reshape(n, w)
+    return cut_windows(ids[: n * w], n, w, "evaluation text")  # consecutive windows
 
 
 def forward_logits(

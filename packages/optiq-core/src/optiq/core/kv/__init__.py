@@ -24,11 +24,12 @@ from typing import Any
 from mlx import nn
 from mlx_lm.models.cache import KVCache, save_prompt_cache
 
+from ..affine import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from .attention import install_attention, mixed_attention, uninstall_attention
 from .cache import BatchMixedKVCache, MixedKVCache
 from .config import KVConfig, check_matches_model, load_kv_config, save_kv_config, uniform_kv_config
 from .layers import KVLayout, configured_cache, kv_layout
-from .quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, bits_per_element
+from .quant import bits_per_element
 from .simulate import SimulatedKVCache, make_simulated_kv_cache
 
 __all__ = [

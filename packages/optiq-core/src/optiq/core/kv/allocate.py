@@ -5,7 +5,7 @@ and bias (what the cache really holds), so ``--target-bits 4.5`` with group size
 means "no more memory than uniform 4-bit". Predicted KL is the sum of the per-tensor
 KLs measured by :mod:`.sensitivity` (the usual additivity assumption; the CLI also
 measures the chosen config as a whole). The problem is a multiple-choice knapsack,
-solved exactly by dynamic programming over integer costs.
+solved exactly by :func:`optiq.core.knapsack.solve` over integer costs.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import math
 from dataclasses import dataclass
 from functools import reduce
 
-import numpy as np
-
+from .. import knapsack
 from ..errors import ConfigError
 from . import quant
 from .layers import KVLayout
@@ -75,30 +74,9 @@ def allocate_kv_bits(
         budget = math.floor(budget / scale)
     losses = [[sensitivity.kl[i][t][b] for b in cands] for i, t, _ in items]
 
-    dp = np.full(budget + 1, np.inf)
-    dp[0] = 0.0
-    back = []
-    for row_cost, row_loss in zip(costs, losses):
-        new = np.full(budget + 1, np.inf)
-        pick = np.full(budget + 1, -1, dtype=np.int16)
-        for j, (c, loss) in enumerate(zip(row_cost, row_loss)):
-            if c > budget:
-                continue
-            cand = np.full(budget + 1, np.inf)
-            cand[c:] = dp[: budget + 1 - c] + loss
-            better = cand < new
-            new[better] = cand[better]
-            pick[better] = j
-        dp = new
-        back.append(pick)
-    if not np.isfinite(dp).any():
+    picked = knapsack.solve(costs, losses, budget)
+    if picked is None:
         raise ConfigError(f"no assignment of {cands} meets --target-bits {target_bits}")
-    best = float(dp.min())
-    end = int(np.flatnonzero(dp <= best + 1e-15)[0])  # cheapest among the best
-    choice: dict[tuple[int, str], int] = {}
-    for (i, t, _), pick, row_cost in zip(reversed(items), reversed(back), reversed(costs)):
-        j = int(pick[end])
-        choice[(i, t)] = cands[j]
-        end -= row_cost[j]
+    choice = {(i, t): cands[j] for (i, t, _), j in zip(items, picked.picks)}
     bits = {kv.index: (choice[(kv.index, "k")], choice[(kv.index, "v")]) for kv in layout.kv_layers}
-    return Allocation(bits=bits, predicted_kl=best, achieved_bits=_mean_bits(layout, choice, g))
+    return Allocation(bits=bits, predicted_kl=picked.loss, achieved_bits=_mean_bits(layout, choice, g))

@@ -28,6 +28,7 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, create_attention_mask, dynamic_roll
 
 from .. import mlx_lm_seam
+from ..affine import check_bits, check_group_size
 from ..errors import ConfigError
 from . import quant
 from .quant import QTensor
@@ -56,9 +57,9 @@ class _MixedBase(mlx_lm_seam.base_cache_class()):
     step = 256
 
     def _init_format(self, k_bits: int, v_bits: int, group_size: int, rotation: str = "hadamard") -> None:
-        self.k_bits = quant.check_bits(k_bits, "k_bits")
-        self.v_bits = quant.check_bits(v_bits, "v_bits")
-        self.group_size = quant.check_group_size(group_size)
+        self.k_bits = check_bits(k_bits, "k_bits")
+        self.v_bits = check_bits(v_bits, "v_bits")
+        self.group_size = check_group_size(group_size)
         self.rotation = quant.check_rotation(rotation)  # how the stored K/V are rotated
         self.keys: QTensor | None = None
         self.values: QTensor | None = None

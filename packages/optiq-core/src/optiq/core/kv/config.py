@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..affine import check_bits
 from ..errors import ConfigError
 from . import quant
 from .layers import KVLayer, KVLayout, SkippedLayer
@@ -106,9 +107,9 @@ def uniform_kv_config(
 ) -> KVConfig:
     """Every KV layer at the same widths (handy for baselines and tests)."""
     v_bits = k_bits if v_bits is None else v_bits
-    quant.check_bits(k_bits, "k_bits")
-    quant.check_bits(v_bits, "v_bits")
-    quant.check_group_size(group_size, head_dims(layout))
+    check_bits(k_bits, "k_bits")
+    check_bits(v_bits, "v_bits")
+    quant.check_group_divides(group_size, head_dims(layout))
     return KVConfig(
         model=layout,
         group_size=group_size,
@@ -182,7 +183,7 @@ def kv_config_from_dict(d: Any, source: str = "kv_config") -> KVConfig:
         skipped=tuple(skipped),
     )
     group_size = _need(d, "group_size", int, source)
-    quant.check_group_size(group_size, head_dims(layout))
+    quant.check_group_divides(group_size, head_dims(layout))
     rotation = _rotation(d, version, source)
     layers: dict[int, tuple[int, int]] = {}
     known = {k.index: k for k in layout.kv_layers}
@@ -192,8 +193,8 @@ def kv_config_from_dict(d: Any, source: str = "kv_config") -> KVConfig:
         if not isinstance(entry, dict):
             raise ConfigError(f"{w}: expected an object")
         idx = _need(entry, "layer", int, w)
-        kb = quant.check_bits(_need(entry, "k_bits", int, w), f"{w}: k_bits")
-        vb = quant.check_bits(_need(entry, "v_bits", int, w), f"{w}: v_bits")
+        kb = check_bits(_need(entry, "k_bits", int, w), f"{w}: k_bits")
+        vb = check_bits(_need(entry, "v_bits", int, w), f"{w}: v_bits")
         if idx in layers:
             raise ConfigError(f"{w}: layer {idx} is listed twice")
         if idx not in known:

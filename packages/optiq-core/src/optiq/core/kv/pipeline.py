@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..affine import check_group_size, parse_bits
+from ..calibration import BUNDLED_CALIBRATION, build_calibration, read_text_file
 from ..errors import ConfigError, DataError
 from . import quant
 
@@ -35,23 +37,6 @@ class KVCacheRun:
     seconds: float
 
 
-def parse_candidate_bits(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
-    """``"4,8"`` -> (4, 8), every width checked against what the cache can store."""
-    if isinstance(text, str):
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-        try:
-            values = [int(p) for p in parts]
-        except ValueError:
-            raise ConfigError(f"--candidate-bits must be comma-separated integers, got {text!r}") from None
-    else:
-        values = list(text)
-    if not values:
-        raise ConfigError("--candidate-bits is empty")
-    for b in values:
-        quant.check_bits(b, "candidate bit width")
-    return tuple(sorted(set(values)))
-
-
 def calibration_tokens(tokenizer, data: str | Path | None, model_path: Path, n_samples: int, seq_len: int):
     """``[n, seq_len]`` calibration tokens and a description of their source.
 
@@ -61,8 +46,6 @@ def calibration_tokens(tokenizer, data: str | Path | None, model_path: Path, n_s
     (Held-out text is left to evaluation.)
     """
     import mlx.core as mx
-
-    from ..quant.calibration import BUNDLED_CALIBRATION, build_calibration
 
     if data is None:
         local = Path(model_path) / "calibration.txt"
@@ -83,12 +66,8 @@ def calibration_tokens(tokenizer, data: str | Path | None, model_path: Path, n_s
 
 
 def read_text(path: Path) -> str:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"calibration file {path} does not exist") from None
-    except (UnicodeDecodeError, IsADirectoryError) as e:
-        raise DataError(f"calibration file {path} is not readable UTF-8 text: {e}") from None
+    """A plain-text calibration file; a missing, unreadable or empty one is a :class:`DataError`."""
+    text = read_text_file(Path(path), "calibration file")
     if not text.strip():
         raise DataError(f"calibration file {path} is empty")
     return text
@@ -128,10 +107,9 @@ def run_kv_cache(
 
     tic = time.perf_counter()
     # --- argument checks that need nothing loaded
-    cands = parse_candidate_bits(candidate_bits)
+    cands = parse_bits(candidate_bits)
     quant.check_rotation(rotation)
-    if group_size not in quant.SUPPORTED_GROUP_SIZES:
-        quant.check_group_size(group_size)
+    check_group_size(group_size)
     if not isinstance(target_bits, (int, float)) or not math.isfinite(target_bits) or target_bits <= 0:
         raise ConfigError(f"--target-bits must be a positive number, got {target_bits!r}")
     lowest = min_achievable_bits(cands, group_size)
@@ -152,7 +130,7 @@ def run_kv_cache(
     lm = load_model(path)
     layout = kv_layout(lm.model)
     require_kv_layers(layout)
-    quant.check_group_size(group_size, head_dims(layout))
+    quant.check_group_divides(group_size, head_dims(layout))
     sequences, source = calibration_tokens(lm.tokenizer, data, path, n_samples, seq_len)
     n_samples = int(sequences.shape[0])
     log(f"model: {path} ({layout.describe()})")

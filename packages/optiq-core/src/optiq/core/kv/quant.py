@@ -1,7 +1,8 @@
 """How K and V are stored: affine groups along head_dim, packed codes, fp16 scales/biases.
 
 Keeping the storage rule in one place lets the cache, the sensitivity pass (which
-simulates it) and the byte accounting agree exactly.
+simulates it) and the byte accounting agree exactly. The widths and group sizes it takes
+are MLX's affine ones, checked by :mod:`optiq.core.affine` as for weights.
 
 Optionally K and V are rotated before quantizing (``x @ R``, QuaRot-style): ``R`` is
 block-diagonal with one normalized Hadamard block per quantization group, so a few
@@ -17,12 +18,8 @@ from functools import lru_cache
 import mlx.core as mx
 import numpy as np
 
+from ..affine import SUPPORTED_GROUP_SIZES, check_group_size
 from ..errors import ConfigError
-
-# What ``mx.quantize`` (affine) can store for a KV cache. 1-bit is technically
-# accepted by MLX but destroys attention; 7-bit is not supported by MLX.
-SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
-SUPPORTED_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 
 # Scales and biases are stored in fp16 whatever the compute dtype (fp32 on CPU), so
 # the bytes per token of a config do not depend on the device it runs on.
@@ -40,22 +37,10 @@ def bits_per_element(bits: int, group_size: int) -> float:
     return bits + 2 * SCALE_BITS / group_size
 
 
-def check_bits(bits: int, what: str = "bits") -> int:
-    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-        raise ConfigError(
-            f"{what} {bits!r} cannot be stored by the KV cache: supported widths are "
-            f"{', '.join(map(str, SUPPORTED_BITS))}"
-        )
-    return bits
-
-
-def check_group_size(group_size: int, head_dims: list[int] | tuple[int, ...] = ()) -> int:
-    """Raise unless ``group_size`` is supported and divides every head dimension."""
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ConfigError(
-            f"KV group size {group_size} is not supported: use one of "
-            f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
-        )
+def check_group_divides(group_size: int, head_dims: list[int] | tuple[int, ...]) -> int:
+    """Raise unless ``group_size`` is supported and divides every head dimension
+    (KV groups run along head_dim)."""
+    check_group_size(group_size)
     bad = sorted({d for d in head_dims if d % group_size})
     if bad:
         fits = [g for g in SUPPORTED_GROUP_SIZES if all(d % g == 0 for d in head_dims)]

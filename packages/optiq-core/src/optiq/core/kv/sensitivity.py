@@ -12,6 +12,8 @@ and every other row quantizes exactly one tensor (the cache rows are stored the 
 :mod:`.simulate`). On the
 CPU this amortises the per-token recurrent loop of linear-attention layers over all
 variants, which makes the pass several times faster than one forward per variant.
+The KL is :func:`optiq.core.kl.kl_per_token`, the one weight quantization and
+evaluation use.
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx import nn
 
-from ..cpu import exp, log_softmax
+from ..calibration import cut_windows
 from ..errors import DataError
+from ..kl import RefDist, kl_per_token
 from .layers import KVLayout, base_cache
 from .simulate import SimulatedKVCache
 
 # A variant sets, for some layers, (k_bits or None, v_bits or None); None = full precision.
 Variant = dict[int, tuple[int | None, int | None]]
 
-# Keep the batched logits (and their log-softmax temporaries) under about this size.
+# Keep the batched logits (and the per-row KL temporaries) under about this size.
 LOGITS_BUDGET_BYTES = 1 << 30
 
 
@@ -42,13 +45,6 @@ def _cache_for(model: nn.Module, variants: list[Variant], group_size: int, rotat
         rules = [v.get(i, (None, None)) for v in variants]
         cache[i] = SimulatedKVCache(group_size=group_size, rows=rules, rotation=rotation)
     return cache
-
-
-def _kl_rows(ref_logp: mx.array, logits: mx.array) -> mx.array:
-    """Mean over positions of KL(ref || row) for every row of ``logits`` [R, L, V]."""
-    logp = log_softmax(logits.astype(mx.float32), axis=-1)
-    kl = (exp(ref_logp) * (ref_logp - logp)).sum(axis=-1)
-    return mx.maximum(kl, 0).mean(axis=-1)
 
 
 def variant_kls(
@@ -67,7 +63,7 @@ def variant_kls(
     totals = [0.0] * len(variants)
     for s in range(n):
         tokens = sequences[s : s + 1]
-        ref_logp = None
+        ref: RefDist | None = None
         # Row 0 of the first chunk is the full-precision reference.
         todo = [{}] + list(range(len(variants)))
         chunks = [todo[i : i + max_rows] for i in range(0, len(todo), max_rows)]
@@ -75,13 +71,11 @@ def variant_kls(
             rows = [variants[j] if isinstance(j, int) else j for j in chunk]
             cache = _cache_for(model, rows, group_size, rotation)
             logits = model(mx.repeat(tokens, len(rows), axis=0), cache=cache)
-            if ref_logp is None:
-                ref_logp = log_softmax(logits[0].astype(mx.float32), axis=-1)
-                mx.eval(ref_logp)
-            kls = _kl_rows(ref_logp, logits).tolist()
-            for j, kl in zip(chunk, kls):
+            if ref is None:
+                ref = RefDist.from_logits(logits[0])
+            for r, j in enumerate(chunk):
                 if isinstance(j, int):
-                    totals[j] += kl / n
+                    totals[j] += float(kl_per_token(ref, logits[r]).mean()) / n
             if progress is not None:
                 progress(sum(isinstance(j, int) for j in chunk))
     return totals
@@ -156,12 +150,4 @@ def calibration_sequences(tokenizer, text: str, n_samples: int, seq_len: int, so
     """``n_samples`` windows of ``seq_len`` tokens spread evenly over the tokenized text."""
     if n_samples < 1 or seq_len < 2:
         raise DataError("need n_samples >= 1 and seq_len >= 2")
-    ids = tokenizer.encode(text)
-    if len(ids) < seq_len:
-        raise DataError(
-            f"calibration {source} has {len(ids)} tokens, fewer than --seq-len {seq_len}: "
-            "use a longer text (--data) or a shorter --seq-len"
-        )
-    span = len(ids) - seq_len
-    starts = [round(span * i / (n_samples - 1)) if n_samples > 1 else 0 for i in range(n_samples)]
-    return mx.array([ids[s : s + seq_len] for s in starts], dtype=mx.int32)
+    return mx.array(cut_windows(tokenizer.encode(text), n_samples, seq_len, f"calibration {source}"))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import knapsack
 from ..errors import ConfigError
 from .formats import leaf_bits_cost
 
@@ -65,7 +66,7 @@ def leaf_options(
 
 
 def allocate(options: dict[str, list[Option]], budget: int, resolution: int = RESOLUTION) -> Allocation:
-    """Exact multiple-choice knapsack on a discretized cost axis."""
+    """Exact multiple-choice knapsack (:func:`optiq.core.knapsack.solve`) on a discretized cost axis."""
     paths = list(options)
     if not paths:
         return Allocation({}, 0.0, 0, budget, True)
@@ -92,41 +93,17 @@ def allocate(options: dict[str, list[Option]], budget: int, resolution: int = RE
     spare = budget - min_cost
     unit = max(spare / resolution, 1e-9)
     cap = int(np.floor(spare / unit + 1e-9))
-    INF = np.inf
-    best = np.full(cap + 1, INF)
-    best[0] = 0.0
-    choice = np.zeros((len(paths), cap + 1), dtype=np.int16)
-    for i, p in enumerate(paths):
-        opts = options[p]
-        base = min(o.cost for o in opts)
-        new = np.full(cap + 1, INF)
-        pick = np.zeros(cap + 1, dtype=np.int16)
-        for j, o in enumerate(opts):
-            w = int(np.ceil((o.cost - base) / unit - 1e-9))
-            if w > cap:
-                continue
-            cand = np.full(cap + 1, INF)
-            cand[w:] = best[: cap + 1 - w] + o.kl
-            better = cand < new
-            new = np.where(better, cand, new)
-            pick = np.where(better, j, pick)
-        best = new
-        choice[i] = pick
-    # cheapest capacity among the optimal ones
-    kmin = best.min()
-    c = int(np.flatnonzero(best <= kmin + 1e-15 * max(abs(kmin), 1.0))[0])
-    bits = {}
-    total_cost = 0
-    for i in range(len(paths) - 1, -1, -1):
-        p = paths[i]
-        opts = options[p]
-        o = opts[int(choice[i, c])]
-        bits[p] = o.bits
-        total_cost += o.cost
-        base = min(x.cost for x in opts)
-        c -= int(np.ceil((o.cost - base) / unit - 1e-9))
-    kl = float(sum(next(o.kl for o in options[p] if o.bits == bits[p]) for p in paths))
-    return Allocation(dict(reversed(list(bits.items()))), kl, total_cost, budget, True)
+    # costs above each leaf's cheapest option, in units rounded up (never over budget)
+    weights = []
+    for p in paths:
+        base = min(o.cost for o in options[p])
+        weights.append([int(np.ceil((o.cost - base) / unit - 1e-9)) for o in options[p]])
+    choice = knapsack.solve(weights, [[o.kl for o in options[p]] for p in paths], cap)
+    assert choice is not None  # the cheapest options always fit: budget >= min_cost
+    picked = {p: options[p][j] for p, j in zip(paths, choice.picks)}
+    return Allocation(
+        {p: o.bits for p, o in picked.items()}, choice.loss, sum(o.cost for o in picked.values()), budget, True
+    )
 
 
 def check_target(target_bpw: float, candidate_bits: tuple[int, ...], kind: str) -> None:

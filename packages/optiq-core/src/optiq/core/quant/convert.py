@@ -31,10 +31,10 @@ from typing import Any, Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..calibration import build_calibration, load_records
 from ..errors import ConfigError, ModelLoadError
 from ..model_io import read_config, resolve_model_path, text_config, validate_model_dir
 from .blocks import BlockModel
-from .calibration import build_calibration, load_records
 from .choose import SizeFacts, check_effective_target, choose_bits
 from .formats import DTYPE_BITS, dtype_name
 from .options import DEFAULT_CANDIDATE_BITS, ConvertOptions

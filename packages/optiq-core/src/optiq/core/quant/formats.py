@@ -1,9 +1,10 @@
-"""MLX's affine quantization format: valid settings, bit packing, sizes.
+"""MLX's affine quantization format for weights: bit packing, sizes, group-size fitting.
 
 A quantized weight is stored as packed unsigned codes ``q`` plus one ``scale`` and one
 ``bias`` per group of ``group_size`` consecutive input weights (in the model dtype), and
 represents ``w = scale * q + bias``. Any (scale, bias, q) triple is valid, so better
 rounding than MLX's own min/max quantizer still loads with stock ``mlx_lm.load``.
+The valid widths and group sizes are in :mod:`optiq.core.affine` (shared with the KV cache).
 """
 
 from __future__ import annotations
@@ -11,50 +12,14 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from ..errors import ConfigError
-
-# What MLX's affine mode accepts (1-bit is accepted by MLX but useless for LLM weights).
-VALID_BITS = (2, 3, 4, 5, 6, 8)
-VALID_GROUP_SIZES = (32, 64, 128)
+from ..affine import SUPPORTED_GROUP_SIZES
 
 DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
 
 
-def parse_bits(spec: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
-    """Parse ``"4,8"`` (or a list) into sorted unique bit widths; raise on invalid ones."""
-    if isinstance(spec, str):
-        parts = [p.strip() for p in spec.split(",") if p.strip()]
-        try:
-            values = [int(p) for p in parts]
-        except ValueError:
-            raise ConfigError(
-                f"--candidate-bits must be comma-separated integers, got '{spec}'"
-            ) from None
-    else:
-        values = [int(b) for b in spec]
-    if not values:
-        raise ConfigError("no candidate bit widths given")
-    bad = sorted({b for b in values if b not in VALID_BITS})
-    if bad:
-        raise ConfigError(
-            f"unsupported candidate bits {bad}: MLX affine quantization takes "
-            f"{', '.join(map(str, VALID_BITS))} bits"
-        )
-    return tuple(sorted(set(values)))
-
-
-def check_group_size(group_size: int) -> int:
-    if group_size not in VALID_GROUP_SIZES:
-        raise ConfigError(
-            f"unsupported group size {group_size}: MLX affine quantization takes "
-            f"{', '.join(map(str, VALID_GROUP_SIZES))}"
-        )
-    return group_size
-
-
 def fitting_group_size(in_dim: int, preferred: int) -> int | None:
     """``preferred`` if it divides ``in_dim``, else the largest smaller valid one, else None."""
-    for g in sorted(VALID_GROUP_SIZES, reverse=True):
+    for g in sorted(SUPPORTED_GROUP_SIZES, reverse=True):
         if g <= preferred and in_dim % g == 0:
             return g
     return None

@@ -6,11 +6,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..affine import check_group_size, parse_bits
+from ..calibration import DEFAULT_N_CALIBRATION, DEFAULT_SEQ_LEN
 from ..errors import ConfigError
 from .allocate import check_target
-from .calibration import DEFAULT_N_CALIBRATION, DEFAULT_SEQ_LEN
 from .fisher import ESTIMATE_ROUNDING
-from .formats import check_group_size, parse_bits
 from .rounding import ROUNDING_METHODS
 from .sensitivity import MEASURE_FLOOR
 

@@ -31,9 +31,9 @@ import mlx.nn as nn
 import numpy as np
 
 from ..architecture import decoder_layers
+from ..kl import RefDist, kl_per_token
 from .gdn import fast_gated_delta
 from .hooks import call_hooks, replay_layers
-from .kl import RefDist, kl_per_token
 from .rounding import Quantized, quantize_weight
 from .targets import Target, get_module
 

@@ -5,7 +5,8 @@ as is) or ``{"messages": [{"role": ..., "content": ...}, ...]}`` (rendered with 
 model's chat template, so the measurement sees the model's real chat format, thinking
 blocks included). Records are shuffled with a fixed seed (so the first sequences already
 mix prose, chat, code and tool calls), joined with the tokenizer's EOS token and cut into
-``n`` sequences of ``seq_len`` tokens.
+``n`` sequences of ``seq_len`` tokens by :func:`cut_windows`, the one rule by which
+calibration (``optiq convert``, ``optiq kv-cache``) and evaluation cut token windows.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
+from .errors import DataError
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED_CALIBRATION = DATA_DIR / "calibration.jsonl"
 DEFAULT_SEQ_LEN = 256
 DEFAULT_N_CALIBRATION = 8
@@ -106,6 +108,22 @@ def render_record(rec: dict[str, Any], tokenizer: Any, where: str = "a chat reco
         ) from None
 
 
+def cut_windows(ids: Sequence[int], n: int, length: int, source: str) -> np.ndarray:
+    """``n`` windows of ``length`` tokens spread evenly over ``ids``, first to last token,
+    as ``[n, length]`` int32; exactly ``n * length`` tokens cut into consecutive windows.
+
+    Shorter ``ids`` than one window is a :class:`DataError` naming ``source``.
+    """
+    if len(ids) < length:
+        raise DataError(
+            f"{source} has {len(ids)} tokens, fewer than one window of {length}: "
+            "give more text or a smaller --seq-len"
+        )
+    span = len(ids) - length
+    starts = [round(span * i / (n - 1)) if n > 1 else 0 for i in range(n)]
+    return np.array([ids[s : s + length] for s in starts], dtype=np.int32)
+
+
 @dataclass
 class CalibrationSet:
     """Token sequences for calibration and where they came from."""
@@ -151,13 +169,8 @@ def build_calibration(
         if len(ids) >= need:
             break
     available = len(ids) // seq_len
-    if available < 1:
-        raise DataError(
-            f"calibration data {src} has only {len(ids)} tokens: fewer than one sequence "
-            f"of {seq_len}; give more text or a smaller --seq-len"
-        )
-    n = min(n_sequences, available)
-    arr = np.array(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+    n = max(1, min(n_sequences, available))
+    arr = cut_windows(ids[: n * seq_len], n, seq_len, f"calibration data {src}")  # consecutive windows
     return CalibrationSet(
         tokens=arr,
         source="bundled" if path is None else str(src),
