@@ -140,8 +140,10 @@ def start(path: Path, cache_bytes: int, step: int = 512, **cfg) -> Engine:
     return e
 
 
-def run(e: Engine, prompt: list[int], n: int = 6, adapter: str | None = None):
-    h = e.submit(GenerationRequest("t", list(prompt), n, ignore_eos=True, adapter=adapter))
+def run(e: Engine, prompt: list[int] | GenerationRequest, n: int = 6, adapter: str | None = None):
+    req = prompt if isinstance(prompt, GenerationRequest) else GenerationRequest(
+        "t", list(prompt), n, ignore_eos=True, adapter=adapter)
+    h = e.submit(req)
     ids, fin = [], None
     for events in h.events():
         for ev in events:
@@ -248,3 +250,77 @@ def test_shared_prefix_in_one_batch(bundled_model_dir):
     finally:
         hot.stop()
         cold.stop()
+
+
+# ------------------------------------------------------- chat message boundaries
+
+TOOLS = " ".join(f"tool_{i}(query: str, limit: int) returns the rows of table {i} that match."
+                 for i in range(12))
+
+
+def chat(e: Engine, msgs: list[tuple[str, str]], n: int = 6) -> GenerationRequest:
+    """The engine request the gRPC service builds for these messages."""
+    from optiq.v1 import generation_pb2 as pb
+
+    from optiq.runtime.config import Defaults
+    from optiq.runtime.service import build_request
+
+    r = pb.GenerateRequest(messages=[pb.ChatMessage(role=a, content=b) for a, b in msgs],
+                           max_tokens=n, ignore_eos=True)
+    return build_request(r, e, Defaults())
+
+
+def longest_shared_boundary(earlier: GenerationRequest, later: GenerationRequest) -> int:
+    p, q = earlier.prompt_tokens, later.prompt_tokens
+    return max([b for b in earlier.boundaries if p[:b] == q[:b] and b < len(q) - 1], default=0)
+
+
+@pytest.mark.slow
+def test_hybrid_resumes_at_message_boundaries(bundled_model_dir):
+    """A new agent session on the same system prompt, and an edited last message, resume
+    from the snapshot taken where the shared messages end; outputs equal a cold engine's
+    (both prefill paths), and GetLoad counts the hits and reused tokens."""
+    from optiq.v1 import generation_pb2 as pb
+
+    from optiq.runtime.config import Defaults
+    from optiq.runtime.service import GenerationService
+
+    path = Path(bundled_model_dir)
+    system = ("system", "You are an agent. Call one tool per step. Tools: " + TOOLS)
+    for step in (512, 8):  # the engine's own first-token prefill; BatchGenerator's
+        hot, cold = start(path, 1 << 30, step), start(path, 0, step)
+        try:
+            load = lambda: GenerationService(hot, Defaults()).GetLoad(pb.GetLoadRequest(), None)
+            assert hot.snapshots_boundaries and not cold.snapshots_boundaries
+            first = chat(hot, [system, ("user", "Find the rows about cats.")])
+            assert chat(cold, [system, ("user", "x")]).boundaries == ()  # cache off: none
+            assert len(first.boundaries) == 2  # system end, user end
+            got, cached = run(hot, first)
+            answer = hot.tokenizer.decode(got)
+            assert cached == 0 and got == run(cold, first)[0]
+
+            # a new session: same system prompt and tools, another first user message
+            other = chat(hot, [system, ("user", "Sum the prices in table 3.")])
+            before = load()
+            got, cached = run(hot, other)
+            assert cached == first.boundaries[0] == longest_shared_boundary(first, other)
+            assert got == run(cold, other)[0], step
+            after = load()
+            assert after.prompt_cache_hits == before.prompt_cache_hits + 1
+            assert after.prompt_cache_tokens_total == before.prompt_cache_tokens_total + cached
+
+            # the next turn, then the same turn with its last message edited: it resumes
+            # where the assistant's answer (and the next user header) ends
+            history = [system, ("user", "Find the rows about cats."), ("assistant", answer)]
+            turn = chat(hot, history + [("user", "Now only the black ones, please.")])
+            got, cached = run(hot, turn)
+            assert cached > 0 and got == run(cold, turn)[0]
+            edited = chat(hot, history + [("user", "Now only the white ones.")])
+            want = longest_shared_boundary(turn, edited)
+            assert want > len(first.prompt_tokens)  # past the whole first prompt
+            got, cached = run(hot, edited)
+            assert cached == want and got == run(cold, edited)[0], step
+            assert load().prompt_cache_bytes <= hot.prompt_cache_bytes
+        finally:
+            hot.stop()
+            cold.stop()
