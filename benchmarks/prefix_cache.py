@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model.name}; chat: {CHAT_TURNS} turns, last prompt "
           f"{chat_rows[-1][names[0]][1]} tokens; agent: {AGENT_SESSIONS} sessions x "
           f"{AGENT_STEPS} steps, system prompt + tools "
-          f"{servers and _system_tokens(model, agent[0][0])} tokens; one token per request, "
+          f"{_system_tokens(model, agent[0][0])} tokens; one token per request, "
           f"temperature 0")
     print_rows("Chat (TTFT per turn)", "turn", chat_rows, names)
     print_rows("Agent loop (TTFT per step; session 2 starts at step "
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     speedup = last[names[1]][0] / last[names[0]][0]
     total = {n: sum(r[n][0] for r in agent_rows) for n in names}
     vs_mlx = total[names[0]] / total[names[2]]
-    print(f"\nagent loop total TTFT: " + ", ".join(f"{n} {total[n] * 1e3:.0f} ms" for n in names))
+    print("\nagent loop total TTFT: " + ", ".join(f"{n} {total[n] * 1e3:.0f} ms" for n in names))
     print(f"prefix cache: {load.prompt_cache_hits}/{load.prompt_cache_lookups} hits, "
           f"{load.prompt_cache_tokens_total} tokens reused, {load.prompt_cache_entries} "
           f"entries, {load.prompt_cache_bytes / 2**20:.1f} MiB of {budget / 2**20:.0f} MiB, "
