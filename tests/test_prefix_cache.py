@@ -9,12 +9,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from mlx_lm.models.cache import ArraysCache, KVCache
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, QuantizedKVCache
 
 from optiq.runtime.config import ServeConfig, parse_bytes
 from optiq.runtime.engine import Engine
 from optiq.runtime.loader import make_loader
-from optiq.runtime.prefix_cache import PrefixCache
+from optiq.runtime.prefix_cache import PrefixCache, cache_nbytes, compact
 from optiq.runtime.types import Delta, GenerationRequest
 
 
@@ -62,7 +63,7 @@ def test_recurrent_entries_serve_only_whole_prefixes():
 
 
 def test_lru_eviction_within_budget():
-    one = sum(c.nbytes for c in kv(4))
+    one = cache_nbytes(compact(kv(4)))  # as stored: trimmed to its 4 positions
     pc = PrefixCache(2 * one)
     pc.insert(None, [1, 1, 1, 1], kv(4))
     pc.insert(None, [2, 2, 2, 2], kv(4))
@@ -72,6 +73,55 @@ def test_lru_eviction_within_budget():
     assert pc.fetch(None, [2, 2, 2, 2, 5]) == (None, 0)
     assert pc.fetch(None, [1, 1, 1, 1, 5])[1] == 4
     assert not PrefixCache(one - 1).insert(None, [1, 2, 3, 4], kv(4))  # never over budget
+
+
+def stored_arrays(pc: PrefixCache) -> list:
+    return [a for e in pc._entries.values() for _, a in tree_flatten([c.state for c in e.cache])
+            if isinstance(a, mx.array)]
+
+
+def test_counted_bytes_are_the_stored_arrays():
+    """What the budget counts is the sum of the stored arrays' nbytes: step-allocated
+    KV buffers are cut to their used positions (mlx-lm allocates 256 at a time)."""
+    from optiq.core.kv.cache import MixedKVCache
+
+    pc = PrefixCache(1 << 30)
+    mixed = MixedKVCache(8, 4, 64)
+    mixed.update_and_fetch(mx.ones((1, 1, 5, 64)), mx.ones((1, 1, 5, 64)))
+    quant = QuantizedKVCache(64, 8)
+    quant.update_and_fetch(mx.ones((1, 1, 7, 64)), mx.ones((1, 1, 7, 64)))
+    for i, cache in enumerate([kv(3), hybrid(300), [mixed], [quant], [CacheList(*kv(9), *kv(2))]]):
+        before = sum(c.nbytes for c in cache)  # step-rounded
+        assert pc.insert(None, [i] * 3, cache)
+        assert pc.nbytes == sum(a.nbytes for a in stored_arrays(pc))
+        assert cache_nbytes(cache) <= before
+    assert pc.stats.nbytes < 1 << 20
+    k = pc._entries[(None, (1, 1, 1))].cache[0]
+    assert k.keys.shape[2] == k.offset == 300
+    cache, n = pc.fetch(None, [1, 1, 1, 5])  # a copy regrows in steps when extended
+    cache[0].update_and_fetch(mx.ones((1, 1, 2, 8)), mx.ones((1, 1, 2, 8)))
+    assert cache[0].offset == 302 and cache[0].keys.shape[2] == 300 + 256
+    assert pc._entries[(None, (1, 1, 1))].cache[0].keys.shape[2] == 300  # entry unchanged
+
+
+def test_entry_from_a_batch_does_not_pin_the_batch():
+    """A cache extracted from a batch (one row of its state) is copied out: the stored
+    entry's resident memory is its counted bytes, not the batch's buffer."""
+    def active() -> int:
+        mx.synchronize()
+        return mx.get_active_memory()
+
+    batch = ArraysCache(1)
+    batch[0] = mx.ones((16, 4, 128, 128))  # 16 rows of 256 KiB
+    mx.eval(batch[0])
+    row = batch.extract(3)
+    pc = PrefixCache(1 << 30)
+    base = active() - batch[0].nbytes
+    assert pc.insert(None, [1, 2], [row])
+    del batch, row
+    mx.clear_cache()
+    assert pc.nbytes == 4 * 128 * 128 * 4
+    assert active() - base <= pc.nbytes + (64 << 10)
 
 
 def test_parse_bytes():
@@ -90,8 +140,10 @@ def start(path: Path, cache_bytes: int, step: int = 512, **cfg) -> Engine:
     return e
 
 
-def run(e: Engine, prompt: list[int], n: int = 6, adapter: str | None = None):
-    h = e.submit(GenerationRequest("t", list(prompt), n, ignore_eos=True, adapter=adapter))
+def run(e: Engine, prompt: list[int] | GenerationRequest, n: int = 6, adapter: str | None = None):
+    req = prompt if isinstance(prompt, GenerationRequest) else GenerationRequest(
+        "t", list(prompt), n, ignore_eos=True, adapter=adapter)
+    h = e.submit(req)
     ids, fin = [], None
     for events in h.events():
         for ev in events:
@@ -198,3 +250,77 @@ def test_shared_prefix_in_one_batch(bundled_model_dir):
     finally:
         hot.stop()
         cold.stop()
+
+
+# ------------------------------------------------------- chat message boundaries
+
+TOOLS = " ".join(f"tool_{i}(query: str, limit: int) returns the rows of table {i} that match."
+                 for i in range(12))
+
+
+def chat(e: Engine, msgs: list[tuple[str, str]], n: int = 6) -> GenerationRequest:
+    """The engine request the gRPC service builds for these messages."""
+    from optiq.v1 import generation_pb2 as pb
+
+    from optiq.runtime.config import Defaults
+    from optiq.runtime.service import build_request
+
+    r = pb.GenerateRequest(messages=[pb.ChatMessage(role=a, content=b) for a, b in msgs],
+                           max_tokens=n, ignore_eos=True)
+    return build_request(r, e, Defaults())
+
+
+def longest_shared_boundary(earlier: GenerationRequest, later: GenerationRequest) -> int:
+    p, q = earlier.prompt_tokens, later.prompt_tokens
+    return max([b for b in earlier.boundaries if p[:b] == q[:b] and b < len(q) - 1], default=0)
+
+
+@pytest.mark.slow
+def test_hybrid_resumes_at_message_boundaries(bundled_model_dir):
+    """A new agent session on the same system prompt, and an edited last message, resume
+    from the snapshot taken where the shared messages end; outputs equal a cold engine's
+    (both prefill paths), and GetLoad counts the hits and reused tokens."""
+    from optiq.v1 import generation_pb2 as pb
+
+    from optiq.runtime.config import Defaults
+    from optiq.runtime.service import GenerationService
+
+    path = Path(bundled_model_dir)
+    system = ("system", "You are an agent. Call one tool per step. Tools: " + TOOLS)
+    for step in (512, 8):  # the engine's own first-token prefill; BatchGenerator's
+        hot, cold = start(path, 1 << 30, step), start(path, 0, step)
+        try:
+            load = lambda: GenerationService(hot, Defaults()).GetLoad(pb.GetLoadRequest(), None)
+            assert hot.snapshots_boundaries and not cold.snapshots_boundaries
+            first = chat(hot, [system, ("user", "Find the rows about cats.")])
+            assert chat(cold, [system, ("user", "x")]).boundaries == ()  # cache off: none
+            assert len(first.boundaries) == 2  # system end, user end
+            got, cached = run(hot, first)
+            answer = hot.tokenizer.decode(got)
+            assert cached == 0 and got == run(cold, first)[0]
+
+            # a new session: same system prompt and tools, another first user message
+            other = chat(hot, [system, ("user", "Sum the prices in table 3.")])
+            before = load()
+            got, cached = run(hot, other)
+            assert cached == first.boundaries[0] == longest_shared_boundary(first, other)
+            assert got == run(cold, other)[0], step
+            after = load()
+            assert after.prompt_cache_hits == before.prompt_cache_hits + 1
+            assert after.prompt_cache_tokens_total == before.prompt_cache_tokens_total + cached
+
+            # the next turn, then the same turn with its last message edited: it resumes
+            # where the assistant's answer (and the next user header) ends
+            history = [system, ("user", "Find the rows about cats."), ("assistant", answer)]
+            turn = chat(hot, history + [("user", "Now only the black ones, please.")])
+            got, cached = run(hot, turn)
+            assert cached > 0 and got == run(cold, turn)[0]
+            edited = chat(hot, history + [("user", "Now only the white ones.")])
+            want = longest_shared_boundary(turn, edited)
+            assert want > len(first.prompt_tokens)  # past the whole first prompt
+            got, cached = run(hot, edited)
+            assert cached == want and got == run(cold, edited)[0], step
+            assert load().prompt_cache_bytes <= hot.prompt_cache_bytes
+        finally:
+            hot.stop()
+            cold.stop()

@@ -14,6 +14,10 @@ cache of the longest cached prefix of its prompt and prefills only the rest. The
 stores a request's cache twice: after its prompt minus the last token (a snapshot; the
 only reusable point of a recurrent model for a retry or for concurrent requests with
 the same prompt) and when it ends (prompt + answer: the next turn of a chat extends it).
+A hybrid model's prefill is also cut at the message boundaries of a chat input
+(``GenerationRequest.boundaries``, at most ``boundaries.MAX_BOUNDARIES`` past the reused
+prefix) and snapshotted there, so a request sharing the conversation up to an earlier
+message resumes from that message.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from optiq.core.errors import OptiQError
 
 from .modelinfo import ModelSummary
 from .output import OutputProcessor
-from .prefix_cache import PrefixCache, default_max_bytes
+from .boundaries import MAX_BOUNDARIES
+from .prefix_cache import PrefixCache, default_max_bytes, is_trimmable
 from .types import (
     CANCELLED,
     EOS,
@@ -138,6 +143,7 @@ class _State:
     done: bool = False
     cache: list | None = None  # from the prefix cache (or fresh), until inserted in the batch
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    cuts: list[int] = field(default_factory=list)  # boundaries to snapshot at in prefill
 
 
 @dataclass
@@ -158,6 +164,12 @@ class EngineStats:
     prompt_cache_bytes: int = 0
     prompt_cache_entries: int = 0
     prompt_cache_evictions: int = 0
+
+
+def _segments(prompt: list[int], start: int, cuts: list[int]) -> list[list[int]]:
+    """``prompt[start:]`` cut at ``cuts`` (sorted offsets inside it)."""
+    points = [start, *(c for c in cuts if start < c < len(prompt)), len(prompt)]
+    return [prompt[a:b] for a, b in zip(points, points[1:])]
 
 
 class Engine:
@@ -189,6 +201,7 @@ class Engine:
             default_max_bytes() if prompt_cache_bytes is None else int(prompt_cache_bytes)
         )
         self._prefix: PrefixCache | None = None  # engine thread only
+        self._recurrent = False  # a fresh cache cannot be trimmed (hybrid model); set at load
         self.tokenizer_lock = threading.Lock()
         self.loaded: LoadedEngineModel | None = None
         self.load_error: BaseException | None = None
@@ -220,6 +233,12 @@ class Engine:
     @property
     def serving(self) -> bool:
         return self.loaded is not None and not self._draining and not self._stopped.is_set()
+
+    @property
+    def snapshots_boundaries(self) -> bool:
+        """Whether chat message boundaries are worth finding: the engine snapshots a
+        hybrid model there (a trimmable cache serves every prefix anyway)."""
+        return self.prompt_cache_bytes > 0 and self._recurrent
 
     @property
     def summary(self) -> ModelSummary:
@@ -316,6 +335,10 @@ class Engine:
             self._warmup(loaded)
         except Exception:  # a failed warm-up is not fatal; the first request pays instead
             log.exception("warm-up failed")
+        try:
+            self._recurrent = not is_trimmable(self._fresh_cache(loaded, None))
+        except Exception:  # a cache factory that needs a request: no boundary snapshots
+            log.exception("could not inspect the model's cache")
         self.loaded = loaded
         self._ready.set()
         try:
@@ -430,6 +453,7 @@ class Engine:
             for st in admit:
                 try:
                     self._lookup(st)
+                    st.cuts = self._cuts(st)
                     # A lone short prompt (what is left after the cached prefix) is
                     # prefilled here and its first token sent at once (the batch path
                     # needs one more engine step before the first token); several new
@@ -520,9 +544,10 @@ class Engine:
         stops = self._stop_sequences(req)
         cache, reused = st.cache, st.cached_tokens
         st.cache = None  # the batch (or the prefix cache) owns it from here
-        prompt, all_tokens = req.prompt_tokens[reused:], [list(req.prompt_tokens[:reused])]
+        segments = _segments(req.prompt_tokens, reused, st.cuts)
+        all_tokens = [list(req.prompt_tokens[:reused])]
         if first_token_now:
-            token, row = self._first_token(bg, req, reused, cache, sampler, processors)
+            token, row = self._first_token(bg, req, reused, cache, sampler, processors, st.cuts)
             stop_ids = self._stop_id_set(req)
             reason = "stop" if token in stop_ids else "length" if max_tokens == 1 else None
             with self._lock:
@@ -535,9 +560,10 @@ class Engine:
             if ended:
                 self._keep(req, req.prompt_tokens, cache)
                 return False
-            prompt, all_tokens, max_tokens = [token], [list(req.prompt_tokens)], max_tokens - 1
-        (st.uid,) = bg.insert(
-            [prompt],
+            segments, all_tokens, max_tokens = [[token]], [list(req.prompt_tokens)], max_tokens - 1
+        # BatchGenerator stops at each segment's end: _snapshot keeps the cache there
+        (st.uid,) = bg.insert_segments(
+            [segments],
             max_tokens=[max_tokens],
             caches=[cache],
             all_tokens=all_tokens,
@@ -548,21 +574,24 @@ class Engine:
         return True
 
     def _first_token(self, bg: Any, req: GenerationRequest, reused: int, cache: list,
-                     sampler: Any, processors: list) -> tuple[int, Any]:
+                     sampler: Any, processors: list, cuts: list[int]) -> tuple[int, Any]:
         """Prefill the prompt after its first ``reused`` tokens (already in ``cache``)
         and sample the first token, exactly as the batch would (same processors,
-        sampler and stream). Like the batch, it snapshots the cache before the last
-        prompt token for the prefix cache."""
+        sampler and stream). Like the batch, it snapshots the cache at each of ``cuts``
+        and before the last prompt token for the prefix cache."""
         import mlx.core as mx
 
         prompt = req.prompt_tokens
         with mx.stream(bg.stream):
-            head = prompt[reused:-1]
-            if head:
-                self._lm.model(mx.array(head)[None], cache=cache)
+            start = reused
+            for end in [*cuts, len(prompt) - 1]:
+                if end <= start:
+                    continue
+                self._lm.model(mx.array(prompt[start:end])[None], cache=cache)
                 mx.eval([c.state for c in cache])
                 if self._prefix is not None:
-                    self._keep(req, prompt[:-1], copy.deepcopy(cache))
+                    self._keep(req, prompt[:end], copy.deepcopy(cache))
+                start = end
             tokens = mx.array(prompt)
             logits = self._lm.model(tokens[None, -1:], cache=cache)[:, -1, :]
             for p in processors:
@@ -581,14 +610,30 @@ class Engine:
             self._prefix.fetch(req.adapter, req.prompt_tokens) if self._prefix is not None else (None, 0)
         )
         if cache is None:
-            if lm.make_cache is not None:
-                cache = lm.make_cache(req.adapter)
-            else:
-                from mlx_lm.models.cache import make_prompt_cache
-
-                cache = make_prompt_cache(lm.model)
+            cache = self._fresh_cache(lm, req.adapter)
         st.cache, st.cached_tokens = cache, reused
         self._cache_stats()
+
+    @staticmethod
+    def _fresh_cache(lm: LoadedEngineModel, adapter: str | None) -> list:
+        if lm.make_cache is not None:
+            return lm.make_cache(adapter)
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(lm.model)
+
+    def _cuts(self, st: _State) -> list[int]:
+        """The message boundaries to snapshot ``st``'s prefill at: only for a cache that
+        cannot be trimmed (a trimmable entry serves every prefix), only past the reused
+        prefix, at most MAX_BOUNDARIES (the first and the last ones)."""
+        req = st.handle.request
+        if self._prefix is None or not req.boundaries or is_trimmable(st.cache):
+            return []
+        n = len(req.prompt_tokens)
+        cuts = sorted({b for b in req.boundaries if st.cached_tokens < b < n - 1})
+        if len(cuts) > MAX_BOUNDARIES:
+            cuts = cuts[:1] + cuts[len(cuts) - MAX_BOUNDARIES + 1:]
+        return cuts
 
     def _keep(self, req: GenerationRequest, tokens: list[int], cache: list) -> None:
         """Offer ``cache`` (holding exactly ``tokens``, owned by nobody else) to the

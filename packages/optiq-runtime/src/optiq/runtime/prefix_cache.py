@@ -16,7 +16,10 @@ longest prefix with the new prompt:
 At least one prompt token is always left to prefill: the model must compute the
 logits of the last prompt token to sample the first new one.
 
-Bounded by bytes, least recently used entries first out. Used from the engine thread
+Bounded by bytes, least recently used entries first out. An entry is trimmed to what
+it holds when stored (:func:`compact`: KV buffers cut to their used positions, arrays
+copied out of any larger buffer such as a batch's), so the counted bytes are the sum of
+the stored arrays' ``nbytes`` and that is what stays resident. Used from the engine thread
 only (MLX state stays on one thread).
 """
 
@@ -26,7 +29,7 @@ import copy
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Any, Hashable, Iterator
 
 import numpy as np
 
@@ -48,8 +51,66 @@ def default_max_bytes() -> int:
     return int(total * DEFAULT_FRACTION)
 
 
+def _arrays(tree: Any) -> Iterator[Any]:
+    """Every ``mx.array`` in a cache ``state`` (nested tuples/lists; scalars skipped)."""
+    import mlx.core as mx
+
+    if isinstance(tree, mx.array):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for t in tree:
+            yield from _arrays(t)
+
+
 def cache_nbytes(cache: list) -> int:
-    return sum(int(c.nbytes) for c in cache)
+    """Bytes of the arrays a cache list holds, as stored (what :func:`compact` leaves
+    is exactly what is resident: no step slack, no views into larger buffers)."""
+    return sum(int(a.nbytes) for c in cache for a in _arrays(c.state))
+
+
+def _owned(x: Any, used: int | None = None) -> Any:
+    """``x`` (its first ``used`` positions along axis 2) in a buffer of its own.
+
+    ``mx.contiguous`` copies a view (a slice of a step-allocated buffer, or one row of
+    a batch's state) and returns an array that already owns its buffer unchanged.
+    """
+    import mlx.core as mx
+
+    if x is None:
+        return None
+    if used is not None and used < x.shape[2]:
+        x = x[..., :used, :]
+    return mx.contiguous(x)
+
+
+def compact(cache: list) -> list:
+    """Trim ``cache`` (in place) to what it holds, so its stored bytes are its real ones.
+
+    KV caches allocate in steps of 256 positions and a cache extracted from a batch can
+    be a view that keeps the whole batch's buffer alive; both would make the resident
+    size of an entry larger than its arrays' ``nbytes`` (the soak saw ~2x). Here every
+    KV buffer is cut to its used positions and every array is copied out of any larger
+    buffer. A request that later extends a copy regrows it in steps, as mlx-lm does.
+    Cache types not known here keep their arrays, each made to own its buffer.
+    """
+    from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, QuantizedKVCache
+
+    try:
+        from optiq.core.kv.cache import MixedKVCache
+    except ImportError:  # pragma: no cover - optiq-core always ships it
+        MixedKVCache = ()  # type: ignore[assignment,misc]
+
+    for c in cache:
+        if isinstance(c, CacheList):
+            compact(list(c.caches))
+        elif isinstance(c, KVCache) and c.keys is not None:
+            c.keys, c.values = _owned(c.keys, c.offset), _owned(c.values, c.offset)
+        elif isinstance(c, (QuantizedKVCache, MixedKVCache)) and c.keys is not None:
+            c.keys = tuple(_owned(x, c.offset) for x in c.keys)
+            c.values = tuple(_owned(x, c.offset) for x in c.values)
+        elif isinstance(c, ArraysCache):
+            c.cache = [_owned(x) for x in c.cache]
+    return cache
 
 
 def is_trimmable(cache: list) -> bool:
@@ -140,9 +201,6 @@ class PrefixCache:
         else afterwards). False when it is not worth keeping or does not fit."""
         if not tokens or not cache:
             return False
-        nbytes = cache_nbytes(cache)
-        if nbytes > self.max_bytes:
-            return False
         ident = self._id(key, tokens)
         arr = np.asarray(tokens, dtype=np.int64)
         trimmable = is_trimmable(cache)
@@ -153,6 +211,13 @@ class PrefixCache:
                         and _common_prefix(e.tokens, arr) == len(arr)):
                     self._entries.move_to_end(e.ident)
                     return False
+        import mlx.core as mx
+
+        compact(cache)
+        mx.eval([c.state for c in cache])
+        nbytes = cache_nbytes(cache)
+        if nbytes > self.max_bytes:
+            return False
         self._drop(ident)
         if trimmable:
             # shorter trimmable prefixes of this entry are now redundant
@@ -160,9 +225,6 @@ class PrefixCache:
                 if (e.key == key and e.trimmable and len(e.tokens) < len(arr)
                         and _common_prefix(e.tokens, arr) == len(e.tokens)):
                     self._drop(ident2)
-        import mlx.core as mx
-
-        mx.eval([c.state for c in cache])
         self._entries[ident] = _Entry(ident, key, arr, cache, nbytes, trimmable)
         self.stats.nbytes += nbytes
         while self.stats.nbytes > self.max_bytes and self._entries:

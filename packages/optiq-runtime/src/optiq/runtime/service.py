@@ -12,6 +12,7 @@ import grpc
 from optiq.v1 import generation_pb2 as pb
 from optiq.v1 import generation_pb2_grpc as pb_grpc
 
+from .boundaries import message_boundaries
 from .config import Defaults
 from .engine import Engine, NotServing, QueueFull
 from .text import initial_channel
@@ -103,6 +104,17 @@ def render_input(
     return ids, rendered
 
 
+def chat_boundaries(engine: Engine, messages: Any, ids: list[int],
+                    enable_thinking: bool | None) -> tuple[int, ...]:
+    """Where the messages end in ``ids``, when the engine snapshots there (a hybrid
+    model with the prefix cache on); else nothing, to spare the probe renderings."""
+    if not messages or not engine.snapshots_boundaries:
+        return ()
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    with engine.tokenizer_lock:
+        return message_boundaries(engine.tokenizer, _messages(messages), ids, kwargs)
+
+
 def _check_range(name: str, value: float, lo: float, hi: float, lo_open=False) -> None:
     if math.isnan(value) or value < lo or value > hi or (lo_open and value == lo):
         left = "(" if lo_open else "["
@@ -159,12 +171,13 @@ def build_request(r: pb.GenerateRequest, engine: Engine, defaults: Defaults) -> 
     if bad:
         raise BadRequest(f"stop token id {bad[0]} out of range (vocabulary: {summary.vocab_size})")
     sampling = resolve_sampling(r.sampling, defaults)
+    thinking = r.enable_thinking if r.HasField("enable_thinking") else None
     ids, rendered = render_input(
         engine,
         text=r.prompt,
         messages=r.messages,
         token_ids=r.token_ids,
-        enable_thinking=r.enable_thinking if r.HasField("enable_thinking") else None,
+        enable_thinking=thinking,
     )
     limit = summary.context_length
     if len(ids) >= limit:
@@ -184,6 +197,7 @@ def build_request(r: pb.GenerateRequest, engine: Engine, defaults: Defaults) -> 
         top_logprobs=r.top_logprobs,
         adapter=r.adapter or None,
         initial_channel=initial_channel(rendered, *summary.think_tags),
+        boundaries=chat_boundaries(engine, r.messages, ids, thinking),
     )
 
 

@@ -47,6 +47,9 @@ class GenerationRequest:
     top_logprobs: int = 0
     adapter: str | None = None
     initial_channel: str = CONTENT
+    # Token offsets where chat messages end (optiq.runtime.boundaries): a hybrid model's
+    # prefill snapshots its state there for the prefix cache. Empty for plain prompts.
+    boundaries: tuple[int, ...] = ()
 
 
 @dataclass
