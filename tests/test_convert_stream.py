@@ -21,7 +21,7 @@ import pytest
 from optiq.core.cpu import cast_floats
 from optiq.core.model_io import load_model
 from optiq.core.quant.blocks import BlockModel
-from optiq.core.quant.calibration import build_calibration
+from optiq.core.calibration import build_calibration
 from optiq.core.quant.fisher import reference_and_estimate
 from optiq.core.quant.formats import pack
 from optiq.core.quant.sensitivity import capture_reference, quantize_targets

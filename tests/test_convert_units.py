@@ -218,7 +218,7 @@ def test_calibration_chat_the_template_cannot_render_is_an_error(bundled_model_d
     from mlx_lm.tokenizer_utils import TokenizerWrapper
     from mlx_lm.utils import load
 
-    from optiq.core.quant.calibration import build_calibration
+    from optiq.core.calibration import build_calibration
 
     p = tmp_path / "c.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in [

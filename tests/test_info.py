@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import mlx.core as mx
-import pytest
 from mlx_lm.utils import quantize_model
 from safetensors import safe_open
 
