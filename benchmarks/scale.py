@@ -12,8 +12,14 @@ reported as such. Random weights make quality meaningless here; cost is real.
 
 Rows: ``mlx_lm`` (``mlx_lm.convert -q``), ``static`` (``optiq convert --method
 static``), ``default`` (``optiq convert --target-bpw 4.5``), ``bits48`` (the default
-with ``--candidate-bits 4,8``). The default convert does not stream yet (issue 11):
-it holds the whole model in fp32 and is expected to hit the cap at these shapes.
+with ``--candidate-bits 4,8``).
+
+For the optiq rows it also prints the memory plan's estimate (``memory_plan_bytes``)
+beside the measured peak, the time of each stage, and the sensitivity pass against its
+compute bound: the pass's matmul FLOPs (forward to record block inputs, the per-block
+recomputed forward and its backward, one projection GEMM per candidate width, and the
+vocabulary-sized head: two logit passes, its gradient and its projections) divided by
+the fp32 GEMM rate measured in this run, on this machine.
 """
 
 from __future__ import annotations
@@ -98,6 +104,35 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def gemm_rate(n: int = 2048, repeat: int = 5) -> float:
+    """fp32 GEMM FLOP/s on this machine now (best of ``repeat``; OpenBLAS preloaded by optiq.core)."""
+    code = (
+        "import optiq.core, time, mlx.core as mx\n"
+        f"a = mx.random.normal(({n}, {n})); b = mx.random.normal(({n}, {n})); mx.eval(a, b)\n"
+        "best = 1e9\n"
+        f"for _ in range({repeat}):\n"
+        "    t = time.perf_counter(); mx.eval(a @ b); best = min(best, time.perf_counter() - t)\n"
+        f"print(2 * {n}**3 / best)\n"
+    )
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def sensitivity_flops(cfg: dict, tokens: int, widths: int) -> float:
+    """Matmul FLOPs of the streamed Fisher pass (see module doc) for a qwen3_5 config."""
+    H, L, V, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
+    hd, nq, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    kd, vd = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+    nk, nv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+    mlp = 3 * H * inter
+    full = H * (2 * nq * hd) + 2 * H * nkv * hd + nq * hd * H
+    linear = H * (2 * nk * kd + nv * vd) + H * nv * vd + 2 * H * nv + nv * vd * H
+    n_full = L // cfg["full_attention_interval"]
+    block_params = n_full * (full + mlp) + (L - n_full) * (linear + mlp)
+    blocks = 2 * tokens * block_params * (1 + 1 + 2 + widths)  # forward, recompute, backward, projections
+    head = 2 * tokens * V * H * (2 + 1 + widths)  # two logit passes, gradient, projections
+    return float(blocks + head)
+
+
 def run(cmd: list[str], cap: int, log: Path) -> dict:
     t0 = time.monotonic()
     with open(log, "w") as f:
@@ -139,14 +174,29 @@ def main() -> None:
         "default": optiq + ["--target-bpw", "4.5"],
         "bits48": optiq + ["--target-bpw", "4.5", "--candidate-bits", "4,8"],
     }
-    print(f"\n| {args.shape} shape | wall s | peak RSS GB | result |\n| --- | --- | --- | --- |")
+    rate = gemm_rate()
+    cfg = {**COMMON, **SHAPES[args.shape]}
+    print(f"fp32 GEMM rate now: {rate / 1e9:.0f} GFLOP/s")
+    print(f"\n| {args.shape} shape | wall s | peak RSS GB | plan GB | stages s | sensitivity vs bound | result |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.rows.split(","):
         out = args.workdir / f"out-{args.shape}-{name}"
         shutil.rmtree(out, ignore_errors=True)
         cmd = rows[name] + (["--mlx-path", str(out)] if name == "mlx_lm" else ["-o", str(out), "--force"])
         r = run(cmd, int(args.cap_gb * 2**30), args.workdir / f"{args.shape}-{name}.log")
         what = f"killed at the {args.cap_gb:g} GB cap" if r["killed"] else ("ok" if r["rc"] == 0 else f"exit {r['rc']}")
-        print(f"| {name} | {r['seconds']:.1f} | {r['peak'] / 2**30:.2f} | {what} |", flush=True)
+        plan = stages = bound = "-"
+        meta_file = out / "optiq_metadata.json"
+        if name != "mlx_lm" and r["rc"] == 0 and meta_file.exists():
+            meta = json.loads(meta_file.read_text())
+            secs = meta.get("seconds", {})
+            plan = f"{meta.get('memory_plan_bytes', 0) / 2**30:.2f}"
+            stages = ", ".join(f"{k} {v:.0f}" for k, v in secs.items() if k in ("load", "sensitivity", "write"))
+            if meta.get("method") == "optiq" and meta.get("calibration"):
+                widths = len(meta["candidate_bits"])
+                t_bound = sensitivity_flops(cfg, int(meta["calibration"]["tokens"]), widths) / rate
+                bound = f"{secs.get('sensitivity', 0):.0f} s vs {t_bound:.0f} s ({secs.get('sensitivity', 0) / t_bound:.1f}x)"
+        print(f"| {name} | {r['seconds']:.1f} | {r['peak'] / 2**30:.2f} | {plan} | {stages} | {bound} | {what} |", flush=True)
 
 
 if __name__ == "__main__":
