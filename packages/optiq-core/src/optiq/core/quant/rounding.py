@@ -106,15 +106,35 @@ def _round_mx(x: mx.array, dtype: mx.Dtype) -> mx.array:
     return x if dtype == mx.float32 else x.astype(dtype).astype(mx.float32)
 
 
+# Adding and subtracting 1.5 * 2^23 rounds an fp32 to the nearest integer, ties to even --
+# exactly what ``mx.round`` does for |x| < 2^22, at a fraction of its CPU cost; larger
+# values only arise outside the code range, and the clip that follows maps them the same.
+_RINT = 12582912.0
+
+
 def _codes_mx(w: mx.array, s: mx.array, b: mx.array, mq: mx.array) -> mx.array:
-    return mx.clip(mx.round((w - b) / s), 0, mq)
+    return mx.clip(((w - b) / s + _RINT) - _RINT, 0, mq)
 
 
 @mx.compile
-def _residual2(w: mx.array, s: mx.array, b: mx.array, mq: mx.array) -> mx.array:
-    """Squared rounding residual, one fused pass (the clip search runs it 12 times per weight)."""
+def _group_error(w: mx.array, s: mx.array, b: mx.array, mq: mx.array) -> mx.array:
+    """Each group's squared rounding error, in one fused pass (the search runs it 12 times)."""
     r = w - (_codes_mx(w, s, b, mq) * s + b)
-    return r * r
+    return (r * r).sum(-1, keepdims=True)
+
+
+@mx.compile
+def _weighted_group_error(w: mx.array, d: mx.array, s: mx.array, b: mx.array, mq: mx.array) -> mx.array:
+    r = w - (_codes_mx(w, s, b, mq) * s + b)
+    return (d * (r * r)).sum(-1, keepdims=True)
+
+
+@mx.compile
+def _ls_sums(w: mx.array, d: mx.array, s: mx.array, b: mx.array, mq: mx.array) -> tuple[mx.array, ...]:
+    """Weighted sums for the least-squares (scale, bias) given the codes: q, q^2, q w."""
+    q = _codes_mx(w, s, b, mq)
+    dq = d * q
+    return dq.sum(-1, keepdims=True), (dq * q).sum(-1, keepdims=True), (dq * w).sum(-1, keepdims=True)
 
 
 def group_params(
@@ -128,21 +148,21 @@ def group_params(
     """Best (scale, bias) per group for groups ``wg`` [R, G, g] under column weights ``d``.
 
     ``maxq`` is [R] (per-row code range), ``d`` broadcasts to [R, G, g] (None: equal).
-    Returns scales and biases [R, G], already rounded to ``dtype``. Runs in MLX
-    (vectorized; numpy took minutes per billion weights), errors summed in fp64.
+    Returns scales and biases [R, G], already rounded to ``dtype``. Runs in MLX with
+    fused passes (numpy took minutes per billion weights); a group's sums run over its
+    ``g`` weights in fp32 (codes and their squares are exact integers there), the 2x2
+    least-squares solve in fp64.
     """
     w = mx.array(np.asarray(wg, dtype=np.float32))
     mq = mx.array(np.asarray(maxq, dtype=np.float32))[:, None, None]
-    dw = None if d is None else mx.array(np.asarray(d, dtype=np.float32))
+    dw = None if d is None else mx.broadcast_to(mx.array(np.asarray(d, dtype=np.float32)), w.shape)
     lo_mm, hi_mm = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
     best: list[mx.array] = []
 
     def consider(s: mx.array, b: mx.array) -> None:
         s = _safe_scale(_round_mx(s, dtype))
         b = _round_mx(b, dtype)
-        r2 = _residual2(w, s, b, mq)
-        r2 = r2 if dw is None else dw * r2
-        err = r2.astype(mx.float64).sum(-1, keepdims=True)
+        err = _group_error(w, s, b, mq) if dw is None else _weighted_group_error(w, dw, s, b, mq)
         if not best:
             best[:] = [err, s, b]
         else:
@@ -154,16 +174,11 @@ def group_params(
         lo, hi = lo_mm * a, hi_mm * a
         consider(mx.maximum(hi - lo, 1e-12) / mq, lo)
     # least-squares refinement of (scale, bias) given the codes
-    w64 = w.astype(mx.float64)
-    dd = None if dw is None else mx.broadcast_to(dw, w.shape).astype(mx.float64)
-    sd = mx.array(float(w.shape[-1]), mx.float64) if dd is None else dd.sum(-1, keepdims=True)
-    sw = (w64 if dd is None else dd * w64).sum(-1, keepdims=True)
+    ones = mx.ones_like(w) if dw is None else dw
+    sd = ones.sum(-1, keepdims=True).astype(mx.float64)
+    sw = (ones * w).sum(-1, keepdims=True).astype(mx.float64)
     for _ in range(ls_iters):
-        q = _codes_mx(w, best[1], best[2], mq).astype(mx.float64)
-        dq = q if dd is None else dd * q
-        sq = dq.sum(-1, keepdims=True)
-        sqq = (dq * q).sum(-1, keepdims=True)
-        sqw = (dq * w64).sum(-1, keepdims=True)
+        sq, sqq, sqw = (x.astype(mx.float64) for x in _ls_sums(w, ones, best[1], best[2], mq))
         den = sd * sqq - sq * sq
         ok = mx.abs(den) > 1e-20
         s = mx.where(ok, (sd * sqw - sq * sw) / mx.where(ok, den, 1.0), best[1])

@@ -54,10 +54,42 @@ class Probes:
                 ]
                 self.packed[b, p] = np.concatenate(rows)
 
-    def signs(self, b: int, p: int, s0: int, s1: int) -> mx.array:
-        """``e`` in {-1, +1} for vocabulary columns ``s0:s1`` (``s0`` a multiple of 8)."""
-        bits = np.unpackbits(self.packed[b, p][:, s0 // 8 : (s1 + 7) // 8], axis=1)[:, : s1 - s0]
-        return mx.array(bits).astype(mx.float32) * 2 - 1
+    def bits(self, b: int, p: int, s0: int, s1: int) -> mx.array:
+        """The draw for vocabulary columns ``s0:s1`` (``s0`` a multiple of 8) as 0/1 uint8;
+        ``e = 2 * bits - 1`` (:func:`_sign`) is formed inside the fused head kernels."""
+        return mx.array(np.unpackbits(self.packed[b, p][:, s0 // 8 : (s1 + 7) // 8], axis=1)[:, : s1 - s0])
+
+
+def _sign(bits: mx.array) -> mx.array:
+    return bits.astype(mx.float32) * 2 - 1
+
+
+# The head's per-slice elementwise work, each fused into one pass over the
+# ``tokens x slice`` logits (unfused, these passes cost more than the slice's GEMMs).
+@mx.compile
+def _lse_step(z: mx.array, m: mx.array, s1: mx.array) -> tuple[mx.array, mx.array]:
+    """Online log-sum-exp: new running max and rescaled sum of ``exp(z - max)``."""
+    m_new = mx.maximum(m, z.max(axis=1))
+    return m_new, s1 * exp(m - m_new) + exp(z - m_new[:, None]).sum(axis=1)
+
+
+@mx.compile
+def _half_step(z: mx.array, m: mx.array, m_new: mx.array, a: mx.array, bits: mx.array) -> mx.array:
+    """Online ``sum_v exp((z_v - max) / 2) e_v``."""
+    return a * exp((m - m_new) * 0.5) + (exp((z - m_new[:, None]) * 0.5) * _sign(bits)).sum(axis=1)
+
+
+@mx.compile
+def _cotangent(z: mx.array, lse: mx.array, bits: mx.array, ssum: mx.array) -> mx.array:
+    """The probe cotangent ``sqrt(p) e - p sum(sqrt(p) e)`` of one slice."""
+    pz = exp(z - lse[:, None])
+    return mx.sqrt(pz) * _sign(bits) - pz * ssum[:, None]
+
+
+@mx.compile
+def _rowdot(d: mx.array, xn: mx.array) -> mx.array:
+    """``d [N, widths, H] . xn [N, H]`` per token and width."""
+    return (d * xn[:, None, :]).sum(-1)
 
 
 def vocab_slice_rows(n_tokens: int, hidden: int, n_widths: int, budget: int) -> int:
@@ -163,11 +195,9 @@ def head_stage(
         ws = w_store[s0:s_1].astype(mx.float32)
         for b, xn in enumerate(xs):
             z = xn @ ws.T
-            m_new = mx.maximum(m[b], z.max(axis=1))
-            s1[b] = s1[b] * exp(m[b] - m_new) + exp(z - m_new[:, None]).sum(axis=1)
-            half = exp((z - m_new[:, None]) * 0.5)
+            m_new, s1[b] = _lse_step(z, m[b], s1[b])
             for p in range(n_probes):
-                a[b, p] = a[b, p] * exp((m[b] - m_new) * 0.5) + (half * probes.signs(b, p, s0, s_1)).sum(axis=1)
+                a[b, p] = _half_step(z, m[b], m_new, a[b, p], probes.bits(b, p, s0, s_1))
             m[b] = m_new
             mx.eval(m[b], s1[b], [a[b, p] for p in range(n_probes)])
         prog.step()
@@ -193,14 +223,12 @@ def head_stage(
             dwt = dw32.transpose(1, 0, 2).reshape(vs, nb * hd)
         for b, xn in enumerate(xs):
             z = xn @ ws.T
-            pz = exp(z - lse[b][:, None])
-            sp = mx.sqrt(pz)
             for p in range(n_probes):
-                c = sp * probes.signs(b, p, s0, s_1) - pz * ssum[b, p][:, None]
+                c = _cotangent(z, lse[b], probes.bits(b, p, s0, s_1), ssum[b, p])
                 g_xn[b, p] = g_xn[b, p] + c @ ws
                 if dw is not None:
                     d = (c @ dwt).reshape(xn.shape[0], nb, hd)
-                    part = (d * xn[:, None, :]).sum(-1)
+                    part = _rowdot(d, xn)
                     mx.eval(part, g_xn[b, p])
                     proj[b, p] += np.asarray(part)
                 else:
