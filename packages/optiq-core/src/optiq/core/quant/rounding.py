@@ -247,25 +247,27 @@ def quantize_gptq(
     G = n // g
     scales = np.zeros((R, G), dtype=np.float32)
     biases = np.zeros((R, G), dtype=np.float32)
-    mq = maxq[:, None]
     for gi, i1 in enumerate(range(0, n, g)):
         i2 = i1 + g
-        W1 = W[:, i1:i2].copy()
-        s, b = group_params(W1[:, None, :], maxq, d_all[None, None, i1:i2], dtype)
+        # the group's columns as contiguous rows: the sweep below reads and updates one
+        # column at a time, which strided column slices made the slowest part of a convert
+        W1 = np.ascontiguousarray(W[:, i1:i2].T)  # [g, R]
+        s, b = group_params(W1.T[:, None, :], maxq, d_all[None, None, i1:i2], dtype)
         s, b = s[:, 0], b[:, 0]
         scales[:, gi], biases[:, gi] = s, b
-        s_, b_ = s[:, None], b[:, None]
-        Err1 = np.zeros((R, g), dtype=np.float32)
+        Err1 = np.zeros((g, R), dtype=np.float32)
+        codes1 = np.zeros((g, R), dtype=np.uint8)
         U1 = U[i1:i2, i1:i2]
         for i in range(g):
-            col = W1[:, i : i + 1]
-            q = _codes(col, s_, b_, mq)
-            codes[:, i1 + i] = q[:, 0]
-            err = (col - (q * s_ + b_)) / U1[i, i]
-            W1[:, i:] -= err * U1[i, i:][None, :]
-            Err1[:, i] = err[:, 0]
+            col = W1[i]
+            q = _codes(col, s, b, maxq)
+            codes1[i] = q
+            err = (col - (q * s + b)) / U1[i, i]
+            W1[i:] -= U1[i, i:][:, None] * err[None, :]
+            Err1[i] = err
+        codes[:, i1:i2] = codes1.T
         if i2 < n:
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            W[:, i2:] -= np.ascontiguousarray(Err1.T) @ U[i1:i2, i2:]
     return codes, scales, biases
 
 
