@@ -3,6 +3,7 @@ engine and streams its events back. Runs on gRPC worker threads; never touches M
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -14,7 +15,8 @@ from optiq.v1 import generation_pb2_grpc as pb_grpc
 
 from .config import Defaults
 from .engine import Engine, NotServing, QueueFull
-from .text import initial_channel
+from .text import REASONING, TOOL_CALL, initial_channel
+from .tools import TOOL_NAME, template_tool, template_tool_call
 from .types import (
     CANCELLED,
     CONTENT,
@@ -22,10 +24,12 @@ from .types import (
     ERROR,
     LENGTH,
     STOP,
+    TOOL_CALLS,
     Delta,
     Finished,
     GenerationRequest,
     Sampling,
+    ToolCall,
 )
 
 MAX_STOP_STRINGS = 16
@@ -38,21 +42,102 @@ _REASONS = {
     EOS: pb.FINISH_REASON_EOS,
     CANCELLED: pb.FINISH_REASON_CANCELLED,
     ERROR: pb.FINISH_REASON_ERROR,
+    TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
 }
-_CHANNELS = {CONTENT: pb.CHANNEL_CONTENT, "reasoning": pb.CHANNEL_REASONING}
+_CHANNELS = {
+    CONTENT: pb.CHANNEL_CONTENT,
+    REASONING: pb.CHANNEL_REASONING,
+    TOOL_CALL: pb.CHANNEL_TOOL_CALL,
+}
+# chat_template_kwargs may not override what the server itself passes to the template
+_RESERVED_TEMPLATE_KEYS = {"messages", "tools", "add_generation_prompt", "tokenize",
+                           "conversation", "documents", "continue_final_message"}
 
 
 class BadRequest(ValueError):
-    """A request the client must fix (INVALID_ARGUMENT)."""
+    """A request the client must fix (INVALID_ARGUMENT); ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
-def _messages(msgs: Any) -> list[dict[str, str]]:
+class UnknownAdapter(BadRequest):
+    """The request names an adapter the server did not register."""
+
+
+class PromptTooLong(BadRequest):
+    """The input leaves no room for a generated token in the context limit."""
+
+
+def _messages(msgs: Any) -> list[dict[str, Any]]:
+    """Chat messages as chat templates expect them (tool calls, tool results, reasoning)."""
     out = []
     for i, m in enumerate(msgs):
         if not m.role:
-            raise BadRequest(f"messages[{i}].role is empty")
-        out.append({"role": m.role, "content": m.content})
+            raise BadRequest(f"messages[{i}].role is empty", f"messages[{i}].role")
+        d: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.reasoning_content:
+            d["reasoning_content"] = m.reasoning_content
+        if m.tool_calls:
+            d["tool_calls"] = [template_tool_call(c.id, c.name, c.arguments_json)
+                               for c in m.tool_calls]
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name:
+            d["name"] = m.name
+        out.append(d)
     return out
+
+
+def _tools(tools: Any) -> list[dict]:
+    out = []
+    for i, t in enumerate(tools):
+        if not TOOL_NAME.fullmatch(t.name):
+            raise BadRequest(
+                f"tools[{i}].name '{t.name}' must be 1-64 letters, digits, '_', '-' or '.'",
+                f"tools[{i}].name",
+            )
+        params = None
+        if t.parameters_json:
+            try:
+                params = json.loads(t.parameters_json)
+            except json.JSONDecodeError as e:
+                raise BadRequest(f"tools[{i}].parameters is not valid JSON: {e}",
+                                 f"tools[{i}].parameters") from None
+            if not isinstance(params, dict):
+                raise BadRequest(f"tools[{i}].parameters must be a JSON object (a JSON Schema)",
+                                 f"tools[{i}].parameters")
+        out.append(template_tool(t.name, t.description, params))
+    return out
+
+
+def _template_kwargs(kwargs_json: str, enable_thinking: bool | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if kwargs_json:
+        try:
+            kwargs = json.loads(kwargs_json)
+        except json.JSONDecodeError as e:
+            raise BadRequest(f"chat_template_kwargs is not valid JSON: {e}",
+                             "chat_template_kwargs") from None
+        if not isinstance(kwargs, dict):
+            raise BadRequest("chat_template_kwargs must be a JSON object", "chat_template_kwargs")
+        reserved = sorted(_RESERVED_TEMPLATE_KEYS & set(kwargs))
+        if reserved:
+            raise BadRequest(f"chat_template_kwargs may not set {', '.join(reserved)}",
+                             "chat_template_kwargs")
+    if enable_thinking is not None:
+        kwargs["enable_thinking"] = enable_thinking
+    return kwargs
+
+
+def check_tool_choice(tool_choice: str) -> None:
+    if tool_choice not in ("", "auto", "none"):
+        raise BadRequest(
+            f"tool_choice '{tool_choice}' would need constrained decoding, which this server "
+            "does not do: use 'auto' (the model decides) or 'none'",
+            "tool_choice",
+        )
 
 
 def render_input(
@@ -62,8 +147,11 @@ def render_input(
     messages: Any,
     token_ids: Any = (),
     enable_thinking: bool | None,
-) -> tuple[list[int], str]:
-    """Token ids of exactly one input, and the text used to find the start channel."""
+    tools: Any = (),
+    chat_template_kwargs_json: str = "",
+) -> tuple[list[int], str, list[dict]]:
+    """Token ids of exactly one input, the text used to find the start channel, and the
+    tools as the chat template got them."""
     given = [n for n, v in (("prompt", text), ("messages", messages), ("token_ids", token_ids)) if v]
     if not given:
         raise BadRequest("empty input: set exactly one of prompt, messages or token_ids")
@@ -71,8 +159,17 @@ def render_input(
         raise BadRequest(f"set exactly one input, got {' and '.join(given)}")
     if enable_thinking is not None and not messages:
         raise BadRequest("enable_thinking applies only to messages (chat input)")
+    if (tools or chat_template_kwargs_json) and not messages:
+        raise BadRequest("tools and chat_template_kwargs apply only to messages (chat input)")
     tok = engine.tokenizer
     summary = engine.summary
+    template_tools = _tools(tools)
+    if template_tools and summary.tool_tags is None:
+        raise BadRequest(
+            f"model {summary.model_id}: its chat template does not render tools (no tool-call "
+            "format known to mlx-lm), so tool definitions cannot be passed",
+            "tools",
+        )
     with engine.tokenizer_lock:
         if text:
             ids = list(tok.encode(text))
@@ -80,7 +177,9 @@ def render_input(
         elif messages:
             if not summary.has_chat_template:
                 raise BadRequest("this model has no chat template: send a plain prompt")
-            kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+            kwargs = _template_kwargs(chat_template_kwargs_json, enable_thinking)
+            if template_tools:
+                kwargs["tools"] = template_tools
             try:
                 rendered = tok.apply_chat_template(
                     _messages(messages), add_generation_prompt=True, tokenize=False, **kwargs
@@ -100,7 +199,7 @@ def render_input(
             rendered = tok.decode(ids[-16:])
     if not ids:
         raise BadRequest("the input encodes to zero tokens")
-    return ids, rendered
+    return ids, rendered, template_tools
 
 
 def _check_range(name: str, value: float, lo: float, hi: float, lo_open=False) -> None:
@@ -142,10 +241,10 @@ def resolve_sampling(p: pb.SamplingParams, d: Defaults) -> Sampling:
 def build_request(r: pb.GenerateRequest, engine: Engine, defaults: Defaults) -> GenerationRequest:
     """Validate a GenerateRequest and turn it into an engine request (BadRequest if not)."""
     if r.HasField("max_tokens") and r.max_tokens <= 0:
-        raise BadRequest(f"max_tokens must be > 0, got {r.max_tokens}")
+        raise BadRequest(f"max_tokens must be > 0, got {r.max_tokens}", "max_tokens")
     if r.adapter and r.adapter not in engine.adapter_names:
         names = ", ".join(engine.adapter_names) or "none"
-        raise BadRequest(f"unknown adapter '{r.adapter}' (registered: {names})")
+        raise UnknownAdapter(f"unknown adapter '{r.adapter}' (registered: {names})", "adapter")
     if len(r.stop) > MAX_STOP_STRINGS:
         raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(r.stop)}")
     if any(not s or len(s) > MAX_STOP_LENGTH for s in r.stop):
@@ -159,16 +258,20 @@ def build_request(r: pb.GenerateRequest, engine: Engine, defaults: Defaults) -> 
     if bad:
         raise BadRequest(f"stop token id {bad[0]} out of range (vocabulary: {summary.vocab_size})")
     sampling = resolve_sampling(r.sampling, defaults)
-    ids, rendered = render_input(
+    check_tool_choice(r.tool_choice)
+    offered = r.tools if r.tool_choice != "none" else ()
+    ids, rendered, tools = render_input(
         engine,
         text=r.prompt,
         messages=r.messages,
         token_ids=r.token_ids,
         enable_thinking=r.enable_thinking if r.HasField("enable_thinking") else None,
+        tools=offered,
+        chat_template_kwargs_json=r.chat_template_kwargs_json,
     )
     limit = summary.context_length
     if len(ids) >= limit:
-        raise BadRequest(
+        raise PromptTooLong(
             f"prompt has {len(ids)} tokens; the model's context limit is {limit} "
             f"(prompt + at least one generated token)"
         )
@@ -184,19 +287,26 @@ def build_request(r: pb.GenerateRequest, engine: Engine, defaults: Defaults) -> 
         top_logprobs=r.top_logprobs,
         adapter=r.adapter or None,
         initial_channel=initial_channel(rendered, *summary.think_tags),
+        tools=tuple(tools) or None,
     )
 
 
 def _delta_pb(d: Delta) -> pb.TokenDelta:
-    out = pb.TokenDelta(text=d.text, token_ids=d.token_ids, channel=_CHANNELS[d.channel])
+    out = pb.TokenDelta(text=d.text, token_ids=d.token_ids, channel=_CHANNELS[d.channel],
+                        malformed_tool_call=d.malformed_tool_call)
     for lp in d.logprobs:
         out.logprobs.add(
             token_id=lp.token_id,
             logprob=lp.logprob,
+            token=lp.text,
             top_logprobs=[pb.TopLogprob(token_id=t.token_id, logprob=t.logprob, token=t.text)
                           for t in lp.top],
         )
     return out
+
+
+def tool_call_pb(c: ToolCall) -> pb.ToolCall:
+    return pb.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments)
 
 
 def _coalesce(events: list) -> list:
@@ -209,6 +319,7 @@ def _coalesce(events: list) -> list:
             and out
             and isinstance(out[-1], Delta)
             and out[-1].channel == e.channel
+            and not (e.malformed_tool_call or out[-1].malformed_tool_call)
         ):
             prev = out[-1]
             out[-1] = Delta(
@@ -279,6 +390,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             for e in _coalesce(events):
                 if isinstance(e, Delta):
                     yield pb.GenerateResponse(request_id=rid, delta=_delta_pb(e))
+                elif isinstance(e, ToolCall):
+                    yield pb.GenerateResponse(request_id=rid, tool_call=tool_call_pb(e))
                 else:
                     yield pb.GenerateResponse(request_id=rid, finished=finished_pb(e))
                     if e.reason == ERROR:
@@ -289,12 +402,14 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                  ) -> pb.TokenizeResponse:
         self._ready(context)
         try:
-            ids, _ = render_input(
+            ids, _, _ = render_input(
                 self.engine,
                 text=request.text,
                 messages=request.messages,
                 enable_thinking=request.enable_thinking
                 if request.HasField("enable_thinking") else None,
+                tools=request.tools,
+                chat_template_kwargs_json=request.chat_template_kwargs_json,
             )
         except BadRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -364,6 +479,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             has_chat_template=s.has_chat_template,
             server_version=self.version,
             prompt_cache_max_bytes=self.engine.prompt_cache_bytes,
+            supports_tools=s.tool_tags is not None,
+            tool_call_format=s.tool_call_format,
         )
 
     def GetLoad(self, request: pb.GetLoadRequest, context: grpc.ServicerContext

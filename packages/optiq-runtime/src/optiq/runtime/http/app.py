@@ -1,0 +1,105 @@
+"""The Starlette application: routes, bearer auth, errors in each API's shape.
+
+Auth is the gRPC front's rule: with an API key, every route but ``/health`` needs it,
+as ``Authorization: Bearer KEY`` (OpenAI SDKs) or ``x-api-key: KEY`` (Anthropic SDKs).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ..config import Defaults
+from ..engine import Engine
+from .anthropic_api import AnthropicApi
+from .bridge import EngineBridge
+from .common import json_response
+from .errors import AUTH, NOT_FOUND, ApiError, anthropic_body, from_exception, openai_body
+from .openai_api import OpenAIApi
+
+log = logging.getLogger("optiq.runtime.http")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _Auth:
+    def __init__(self, api_key: str | None):
+        self._key = api_key.encode() if api_key else None
+
+    def check(self, request: Request) -> None:
+        if self._key is None:
+            return
+        h = request.headers
+        bearer = h.get("authorization", "")
+        got = bearer[7:] if bearer[:7].lower() == "bearer " else h.get("x-api-key", "")
+        if not hmac.compare_digest(got.encode(), self._key):
+            raise ApiError(401, "missing or invalid API key (header 'Authorization: Bearer "
+                           "<key>' or 'x-api-key: <key>')", AUTH)
+
+
+def _endpoint(handler: Handler, auth: _Auth, render: Callable[[ApiError], dict[str, Any]]
+              ) -> Handler:
+    async def run(request: Request) -> Response:
+        try:
+            auth.check(request)
+            return await handler(request)
+        except Exception as e:  # every failure answers in the API's own shape
+            err = from_exception(e)
+            if err.status >= 500:
+                log.exception("%s %s failed", request.method, request.url.path)
+            return json_response(render(err), err.status)
+
+    return run
+
+
+def build_app(engine: Engine, defaults: Defaults, api_key: str | None) -> Starlette:
+    bridge = EngineBridge(engine, defaults)
+    auth = _Auth(api_key)
+    oai = OpenAIApi(bridge, time.time())
+    ant = AnthropicApi(bridge)
+
+    async def health(request: Request) -> Response:
+        """200 when serving; 503 while loading or draining (no auth, like gRPC health)."""
+        st = engine.load()
+        status = "ok" if engine.serving else ("draining" if engine.loaded else "loading")
+        body = {"status": status, "active_requests": st.active, "queued_requests": st.queued,
+                "requests_total": st.requests_total, "requests_cancelled": st.cancelled,
+                "max_concurrency": engine.max_concurrency, "max_queue": engine.max_queue}
+        if engine.loaded is not None:
+            body["model"] = engine.summary.model_id
+        return json_response(body, 200 if engine.serving else 503)
+
+    async def not_found(request: Request) -> Response:
+        raise ApiError(404, f"no route {request.method} {request.url.path} (OpenAI: /v1/chat/"
+                       "completions, /v1/completions, /v1/models; Anthropic: /v1/messages)",
+                       NOT_FOUND)
+
+    def o(h: Handler) -> Handler:
+        return _endpoint(h, auth, openai_body)
+
+    def a(h: Handler) -> Handler:
+        return _endpoint(h, auth, anthropic_body)
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/chat/completions", o(oai.chat), methods=["POST"]),
+        Route("/v1/completions", o(oai.completions), methods=["POST"]),
+        Route("/v1/models", o(oai.models), methods=["GET"]),
+        Route("/v1/messages", a(ant.messages), methods=["POST"]),
+        Route("/v1/messages/count_tokens", a(ant.count_tokens), methods=["POST"]),
+    ]
+    app = Starlette(routes=routes)
+
+    async def fallback(request: Request, exc: Exception) -> Response:
+        return await o(not_found)(request)
+
+    app.add_exception_handler(404, fallback)
+    app.add_exception_handler(405, fallback)
+    return app
