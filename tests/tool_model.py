@@ -18,14 +18,14 @@ import sys
 from pathlib import Path
 
 # Qwen3's template (tools, tool calls, tool responses, think blocks) on the bundled
-# template's structure, with a shorter tools preamble (shorter training records).
+# template's structure, with a shorter tools preamble (short training records).
 TOOL_TEMPLATE = r"""
 {%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0].role == 'system' %}{{- messages[0].content + '\n\n' }}{%- endif %}
-    {{- "# Tools\n<tools>" }}
-    {%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}
-    {{- "\n</tools>\nCall a function as <tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+    {{- "<tools>" }}
+    {%- for tool in tools %}{{- "\n" }}{{- tool.function | tojson }}{%- endfor %}
+    {{- "\n</tools><|im_end|>\n" }}
 {%- elif messages[0].role == 'system' %}
     {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
 {%- endif %}
@@ -77,7 +77,7 @@ TOOL_TEMPLATE = r"""
 
 WEATHER = {
     "name": "get_weather",
-    "description": "Weather in a city",
+    "description": "Weather",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
 }
 TOOLS = [WEATHER]

@@ -205,12 +205,13 @@ async def message_events(stream: Stream, mid: str, model: str) -> AsyncIterator[
 
 
 class AnthropicApi:
-    def __init__(self, bridge: EngineBridge):
+    def __init__(self, bridge: EngineBridge, max_body: int):
         self.bridge = bridge
         self.engine = bridge.engine
+        self.max_body = max_body
 
     async def messages(self, request: Request) -> Response:
-        body = await parse_body(request, MessagesRequest)
+        body = await parse_body(request, MessagesRequest, self.max_body)
         r = messages_request(body, resolve_model(self.engine, body.model))
         stream = await self.bridge.start(r)
         mid = f"msg_{stream.request.request_id}"
@@ -226,7 +227,7 @@ class AnthropicApi:
         return json_response(_message(mid, body.model, blocks.content, f, 0))
 
     async def count_tokens(self, request: Request) -> Response:
-        body = await parse_body(request, CountTokensRequest)
+        body = await parse_body(request, CountTokensRequest, self.max_body)
         resolve_model(self.engine, body.model)
         n = await self.bridge.count_tokens(to_messages(body), _tools(body), _thinking(body))
         return json_response({"input_tokens": n})

@@ -59,11 +59,12 @@ def _endpoint(handler: Handler, auth: _Auth, render: Callable[[ApiError], dict[s
     return run
 
 
-def build_app(engine: Engine, defaults: Defaults, api_key: str | None) -> Starlette:
+def build_app(engine: Engine, defaults: Defaults, api_key: str | None,
+              max_body: int) -> Starlette:
     bridge = EngineBridge(engine, defaults)
     auth = _Auth(api_key)
-    oai = OpenAIApi(bridge, time.time())
-    ant = AnthropicApi(bridge)
+    oai = OpenAIApi(bridge, time.time(), max_body)
+    ant = AnthropicApi(bridge, max_body)
 
     async def health(request: Request) -> Response:
         """200 when serving; 503 while loading or draining (no auth, like gRPC health)."""

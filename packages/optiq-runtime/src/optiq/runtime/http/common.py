@@ -18,7 +18,7 @@ from ..engine import Engine
 from ..text import CONTENT, REASONING
 from ..types import Delta, Finished, TokenLogprob, ToolCall
 from .bridge import Stream
-from .errors import NOT_FOUND, ApiError, from_validation
+from .errors import INVALID, NOT_FOUND, ApiError, from_validation
 
 B = TypeVar("B", bound=BaseModel)
 
@@ -36,13 +36,28 @@ def sse(obj: Any, event: str | None = None) -> bytes:
     return head + b"data: " + dumps(obj) + b"\n\n"
 
 
-async def parse_body(request: Request, model: type[B]) -> B:
-    """The request body as ``model``; ApiError 400 naming the field otherwise."""
-    body = await request.body()
+async def parse_body(request: Request, model: type[B], limit: int) -> B:
+    """The request body as ``model``; ApiError 400 naming the field otherwise, 413 over
+    ``limit`` bytes (the gRPC message limit, --max-message-mb)."""
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > limit:
+        raise _too_large(int(size), limit)
+    chunks, got = [], 0
+    async for chunk in request.stream():
+        got += len(chunk)
+        if got > limit:
+            raise _too_large(got, limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         return model.model_validate_json(body or b"null")
     except ValidationError as e:
         raise from_validation(e) from None
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"request body of {size} bytes is over the server's limit of {limit} "
+                    "bytes (--max-message-mb)", INVALID)
 
 
 def resolve_model(engine: Engine, name: str) -> str:

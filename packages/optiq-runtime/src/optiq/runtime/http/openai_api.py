@@ -288,13 +288,14 @@ async def completion_chunks(stream: Stream, rid: str, model: str, include_usage:
 
 
 class OpenAIApi:
-    def __init__(self, bridge: EngineBridge, started: float):
+    def __init__(self, bridge: EngineBridge, started: float, max_body: int):
         self.bridge = bridge
         self.engine = bridge.engine
         self.started = int(started)
+        self.max_body = max_body
 
     async def chat(self, request: Request) -> Response:
-        body = await parse_body(request, ChatCompletionRequest)
+        body = await parse_body(request, ChatCompletionRequest, self.max_body)
         r = chat_request(body, resolve_model(self.engine, body.model))
         stream = await self.bridge.start(r)
         rid = f"chatcmpl-{stream.request.request_id}"
@@ -308,7 +309,7 @@ class OpenAIApi:
         return json_response(chat_response(rid, body.model, got, want_lp))
 
     async def completions(self, request: Request) -> Response:
-        body = await parse_body(request, CompletionRequest)
+        body = await parse_body(request, CompletionRequest, self.max_body)
         r = completion_request(body, resolve_model(self.engine, body.model))
         stream = await self.bridge.start(r)
         rid = f"cmpl-{stream.request.request_id}"

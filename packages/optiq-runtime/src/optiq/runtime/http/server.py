@@ -40,7 +40,7 @@ class HttpFront:
         self.tls = config.tls_cert is not None
         self._sock = _bind(config.host, config.http_port or 0)
         self.port: int = self._sock.getsockname()[1]
-        app = build_app(engine, defaults, config.api_key)
+        app = build_app(engine, defaults, config.api_key, config.max_message_bytes)
         self._server = uvicorn.Server(uvicorn.Config(
             app,
             log_level="warning" if not logging.getLogger("optiq.runtime").isEnabledFor(
