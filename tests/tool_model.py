@@ -1,20 +1,19 @@
-"""A tool-calling copy of the bundled model, for the tool-call tests.
+"""A tool-calling model for the tool-call tests, trained here in a few seconds.
 
 The bundled model's chat template renders no tools, so mlx-lm infers no tool-call
-format for it. :func:`make_tool_model` copies the model with a Qwen3-style template
-that does (tools in ``<tools>`` in the system turn, calls as ``<tool_call>{json}
-</tool_call>``, results as ``<tool_response>`` in a user turn): mlx-lm then picks its
-``json_tools`` parser, as for Qwen3. :func:`train_tool_adapter` teaches the toy model a
-few tool-call chats with ``optiq lora train`` so that it really makes those calls
-(greedy), including one malformed call, which the server must return as flagged text.
+format for it; and teaching it tool calls with a LoRA adapter takes minutes of CPU
+(it has to unlearn its dictionary prose). :func:`make_tool_model` instead trains a
+tiny Llama (the bundled tokenizer, random start, 2 layers of 64) on a few tool-call
+chats rendered with a Qwen3-style template (tools in ``<tools>`` in the system turn,
+calls as ``<tool_call>{json}</tool_call>``, results as ``<tool_response>`` in a user
+turn), so mlx-lm picks its ``json_tools`` parser, as for Qwen3. The model really makes
+those calls (greedy), including one malformed call the server must return as flagged
+text; nothing in the server is mocked.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 # Qwen3's template (tools, tool calls, tool responses, think blocks) on the bundled
@@ -93,16 +92,6 @@ HELLO_Q = "Hello!"
 HELLO_ANSWER = "Hello! How can I help?"
 
 
-def make_tool_model(bundled: Path, out: Path) -> Path:
-    """Copy the bundled model into ``out`` with the tool-aware chat template."""
-    shutil.copytree(bundled, out)
-    cfg_file = out / "tokenizer_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["chat_template"] = TOOL_TEMPLATE
-    cfg_file.write_text(json.dumps(cfg, indent=2))
-    return out
-
-
 def _call(name: str, args: dict, call_id: str = "call_0") -> dict:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
 
@@ -128,22 +117,74 @@ def tool_chats() -> list[dict]:
     ]
 
 
-def train_tool_adapter(model: Path, work: Path, iters: int = 80) -> Path:
-    """Train a LoRA adapter on :func:`tool_chats` with ``optiq lora train``; returns its
-    directory."""
-    data = work / "data"
-    data.mkdir(parents=True)
-    lines = "".join(json.dumps(c) + "\n" for c in tool_chats())
-    (data / "train.jsonl").write_text(lines)
-    (data / "valid.jsonl").write_text(lines)
-    out = work / "adapter"
-    cmd = [sys.executable, "-m", "optiq.cli.main", "lora", "train", str(model), "--data", str(data),
-           "-o", str(out), "--iters", str(iters), "--batch-size", "4", "--learning-rate", "3e-3",
-           "--rank", "8", "--rank-scaling", "constant", "--target-modules", "all-linear",
-           "--num-layers", "-1", "--mask-prompt", "--max-seq-length", "1024",
-           "--steps-per-eval", str(iters), "--val-batches", "1", "--save-every", str(iters),
-           "--quiet"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:
-        raise RuntimeError(f"optiq lora train failed:\n{r.stdout}\n{r.stderr}")
-    return out
+def _encode(tok, chat: dict) -> tuple[list[int], int]:
+    """Token ids of a whole chat and where its last (assistant) turn starts."""
+    kw = dict(tools=chat["tools"], tokenize=False, enable_thinking=False)
+    full = tok.encode(tok.apply_chat_template(chat["messages"], **kw), add_special_tokens=False)
+    head = tok.encode(tok.apply_chat_template(chat["messages"][:-1], add_generation_prompt=True,
+                                              **kw), add_special_tokens=False)
+    assert full[: len(head)] == head, "the template's prompt is not a prefix of the chat"
+    return full, len(head)
+
+
+def _learned(logits, targets, answer) -> bool:
+    """Every answer token is the argmax, with a margin (mean loss on answers < 0.02), so
+    that greedy decoding in the server reproduces the answers."""
+    import mlx.nn as nn
+
+    right = bool(((logits.argmax(-1) == targets) | ~answer).all())
+    ce = nn.losses.cross_entropy(logits, targets, reduction="none")
+    return right and (ce * answer).sum().item() / answer.sum().item() < 0.02
+
+
+def make_tool_model(out: Path, bundled: Path, max_steps: int = 1000, seed: int = 0) -> Path:
+    """Train the tool model into ``out`` until it reproduces every chat's last turn
+    greedily (checked every few steps; raises if it never does)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from optiq.core.tiny_models import build_model, copy_tokenizer_files, save_model_dir
+
+    config = {
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 192,
+        "num_hidden_layers": 2, "num_attention_heads": 1, "num_key_value_heads": 1,
+        "vocab_size": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "torch_dtype": "float32", "max_position_embeddings": 1024, "rope_theta": 10000.0,
+    }
+    out.mkdir(parents=True)
+    copy_tokenizer_files(bundled, out)
+    cfg_file = out / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_file.read_text())
+    tok_cfg["chat_template"] = TOOL_TEMPLATE
+    cfg_file.write_text(json.dumps(tok_cfg, indent=2))
+    tok = load_tokenizer(out)
+
+    rows = [_encode(tok, c) for c in tool_chats()]
+    n = max(len(ids) for ids, _ in rows)
+    inputs = mx.array([ids[:-1] + [0] * (n - len(ids)) for ids, _ in rows])
+    targets = mx.array([ids[1:] + [0] * (n - len(ids)) for ids, _ in rows])
+    # trained on every token (a model that only sees the answers stalls as a bigram
+    # model); checked on the answers, the assistant's last turn
+    real = mx.array([[i < len(ids) - 1 for i in range(n - 1)] for ids, _ in rows])
+    answer = mx.array([[start - 1 <= i < len(ids) - 1 for i in range(n - 1)]
+                       for ids, start in rows])
+
+    model = build_model(config, seed=seed)
+
+    def loss_fn(m):
+        ce = nn.losses.cross_entropy(m(inputs), targets, reduction="none")
+        return (ce * real).sum() / real.sum()
+
+    step_fn = nn.value_and_grad(model, loss_fn)
+    opt = optim.Adam(learning_rate=3e-3)
+    for step in range(1, max_steps + 1):
+        loss, grads = step_fn(model)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+        if step % 20 == 0 and _learned(model(inputs), targets, answer):
+            save_model_dir(model, config, out, dtype=mx.float32)
+            return out
+    raise RuntimeError(f"the tool model did not learn its chats in {max_steps} steps "
+                       f"(loss {loss.item():.3f})")
