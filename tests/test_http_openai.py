@@ -66,6 +66,8 @@ def test_models_health_and_unknown_route(oai, http_server):
     assert status == 200 and body["status"] == "ok" and body["model"] == MODEL
     status, body = get_json(http_server.http_url + "/v2/nothing")
     assert status == 404 and "no route" in body["error"]["message"]
+    status, body = get_json(http_server.http_url + "/v1/chat/completions")
+    assert status == 405 and "does not take GET" in body["error"]["message"]
 
 
 def test_chat_matches_grpc_and_splits_reasoning(oai, grpc_client):

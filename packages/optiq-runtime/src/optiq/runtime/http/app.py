@@ -21,7 +21,7 @@ from ..engine import Engine
 from .anthropic_api import AnthropicApi
 from .bridge import EngineBridge
 from .common import json_response
-from .errors import AUTH, NOT_FOUND, ApiError, anthropic_body, from_exception, openai_body
+from .errors import AUTH, INVALID, NOT_FOUND, ApiError, anthropic_body, from_exception, openai_body
 from .openai_api import OpenAIApi
 
 log = logging.getLogger("optiq.runtime.http")
@@ -82,6 +82,9 @@ def build_app(engine: Engine, defaults: Defaults, api_key: str | None,
                        "completions, /v1/completions, /v1/models; Anthropic: /v1/messages)",
                        NOT_FOUND)
 
+    async def wrong_method(request: Request) -> Response:
+        raise ApiError(405, f"{request.url.path} does not take {request.method}", INVALID)
+
     def o(h: Handler) -> Handler:
         return _endpoint(h, auth, openai_body)
 
@@ -98,9 +101,12 @@ def build_app(engine: Engine, defaults: Defaults, api_key: str | None,
     ]
     app = Starlette(routes=routes)
 
-    async def fallback(request: Request, exc: Exception) -> Response:
+    async def missing(request: Request, exc: Exception) -> Response:
         return await o(not_found)(request)
 
-    app.add_exception_handler(404, fallback)
-    app.add_exception_handler(405, fallback)
+    async def method(request: Request, exc: Exception) -> Response:
+        return await o(wrong_method)(request)
+
+    app.add_exception_handler(404, missing)
+    app.add_exception_handler(405, method)
     return app
