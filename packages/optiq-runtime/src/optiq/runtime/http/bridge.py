@@ -1,7 +1,7 @@
 """The HTTP front's way into the engine: the same request checks as gRPC, asyncio side.
 
 Both fronts build a ``pb.GenerateRequest`` and pass it through
-:func:`optiq.runtime.service.build_request`, so limits, defaults and error messages are
+:func:`optiq.runtime.request.build_request`, so limits, defaults and error messages are
 one code path. Tokenizing (chat templates can be slow on long agent prompts) runs in a
 worker thread; events come back through the engine's ``notify`` hook instead of a
 thread blocked per request, so many open streams cost no threads.
@@ -17,7 +17,8 @@ from starlette.concurrency import run_in_threadpool
 
 from ..config import Defaults
 from ..engine import Engine, RequestHandle
-from ..service import _coalesce, build_request, render_input
+from ..request import build_request, render_input
+from ..service import _coalesce
 from ..types import Event, GenerationRequest
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..engine import NotServing, QueueFull
-from ..service import BadRequest, PromptTooLong, UnknownAdapter
+from ..request import BadRequest, PromptTooLong, UnknownAdapter
 
 INVALID = "invalid_request"
 AUTH = "authentication"
