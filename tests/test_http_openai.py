@@ -216,10 +216,11 @@ def test_bad_json_is_400_in_openai_shape(http_server):
     assert status == 400 and body["error"]["param"] == "messages"
 
 
-def test_closing_the_stream_frees_the_slot(oai, http_server):
+def test_closing_the_stream_frees_the_slot(oai, http_server, grpc_client):
     base = http_server.http_url
     wait_idle(base)
     before = health(base)["requests_cancelled"]
+    steps = grpc_client.load().decode_steps_total
     stream = oai.chat.completions.create(model=MODEL, messages=ASK, max_tokens=100_000,
                                          stream=True, extra_body={"ignore_eos": True})
     got = 0
@@ -230,6 +231,27 @@ def test_closing_the_stream_frees_the_slot(oai, http_server):
     assert health(base)["active_requests"] == 1
     stream.close()
     after = wait_idle(base)  # waits on what the server reports, not on time
+    assert after["requests_cancelled"] == before + 1
+    # it did not run on towards its 100k tokens (the bound allows for a loaded machine)
+    assert grpc_client.load().decode_steps_total - steps < 5_000
+
+
+def test_dropping_a_whole_request_frees_the_slot(http_server):
+    """A non-streaming call whose client goes away is cancelled too."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    base = http_server.http_url
+    wait_idle(base)
+    before = health(base)["requests_cancelled"]
+    u = urlsplit(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 100_000,
+         "ignore_eos": True}), {"content-type": "application/json"})
+    wait_until(lambda: health(base)["active_requests"] == 1, "the request to start")
+    conn.close()
+    after = wait_idle(base)
     assert after["requests_cancelled"] == before + 1
 
 
