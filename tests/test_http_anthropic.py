@@ -123,16 +123,21 @@ def test_count_tokens_matches_grpc_tokenize(ant, grpc_client):
     (dict(max_tokens=5, messages=ASK, tools=[{"name": "f", "input_schema": {}}]), 400, "tools"),
     (dict(max_tokens=5, messages=[{"role": "user", "content": "x " * 300}]), 400, "context limit"),
 ])
-def test_bad_requests_in_anthropic_shape(ant, kw, status, where):
+def test_bad_requests_in_anthropic_shape(ant, grpc_client, kw, status, where):
+    before = grpc_client.load()
     with pytest.raises(anthropic.APIStatusError) as e:
         ant.messages.create(model=MODEL, **kw)
     assert e.value.status_code == status
     body = e.value.body
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
     assert where in body["error"]["message"], body
+    load = grpc_client.load()  # counted once, as invalid (gRPC's INVALID_ARGUMENT)
+    assert load.requests_invalid == before.requests_invalid + 1
+    assert load.requests_total == before.requests_total
 
 
-def test_unknown_model_and_bad_json(ant, http_server):
+def test_unknown_model_and_bad_json(ant, http_server, grpc_client):
+    before = grpc_client.load()
     with pytest.raises(anthropic.NotFoundError) as e:
         ant.messages.create(model="claude-sonnet-4-5", max_tokens=5, messages=ASK)
     assert e.value.body["error"]["type"] == "not_found_error"
@@ -144,6 +149,9 @@ def test_unknown_model_and_bad_json(ant, http_server):
     status, body = post_raw(http_server.http_url + "/v1/messages",
                             json.dumps({"model": MODEL, "messages": ASK}).encode())
     assert status == 400 and "max_tokens" in body["error"]["message"]
+    load = grpc_client.load()  # the 404 and both 400s
+    assert load.requests_invalid == before.requests_invalid + 3
+    assert load.requests_total == before.requests_total
 
 
 def test_closing_the_stream_frees_the_slot(ant, http_server):

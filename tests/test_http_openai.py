@@ -189,16 +189,27 @@ def test_completions_match_grpc(oai, grpc_client):
     (dict(messages=ASK, tool_choice="required"), 400, "tool_choice"),
     (dict(messages=[]), 400, "messages"),
 ])
-def test_bad_requests_are_400_naming_the_field(oai, body, status, where):
+def test_bad_requests_are_400_naming_the_field(oai, grpc_client, body, status, where):
+    before = grpc_client.load()
     with pytest.raises(openai.APIStatusError) as e:
         oai.chat.completions.create(model=MODEL, **body)
     assert e.value.status_code == status
     err = e.value.body
     assert err["type"] == "invalid_request_error" and where in err["message"], err
     assert err["param"] is None or where.split(".")[0] in err["param"]
+    assert_counted_invalid(before, grpc_client.load())
 
 
-def test_unknown_model_and_long_prompt(oai, http_server):
+def assert_counted_invalid(before, load, n: int = 1):
+    """``n`` refusals the client must fix: GetLoad.requests_invalid + n (as gRPC counts
+    INVALID_ARGUMENT), nothing else counted."""
+    assert load.requests_invalid == before.requests_invalid + n
+    assert load.requests_total == before.requests_total
+    assert load.requests_rejected == before.requests_rejected
+
+
+def test_unknown_model_and_long_prompt(oai, http_server, grpc_client):
+    before = grpc_client.load()
     with pytest.raises(openai.NotFoundError) as e:
         oai.chat.completions.create(model="gpt-4o", messages=ASK)
     assert e.value.body["code"] == "model_not_found" and MODEL in e.value.body["message"]
@@ -206,14 +217,33 @@ def test_unknown_model_and_long_prompt(oai, http_server):
         oai.completions.create(model=MODEL, prompt="the cat " * 300)
     assert e.value.body["code"] == "context_length_exceeded"
     assert "context limit is 256" in e.value.body["message"]
+    assert_counted_invalid(before, grpc_client.load(), 2)
+    h = health(http_server.http_url)
+    assert h["requests_invalid"] >= 2 and "requests_rejected" in h
 
 
-def test_bad_json_is_400_in_openai_shape(http_server):
+def test_only_generation_refusals_count_as_invalid(http_server, grpc_client):
+    """Wrong routes and methods, and count_tokens errors, are not generation requests:
+    GetLoad counts none of them."""
+    base = http_server.http_url
+    before = grpc_client.load()
+    assert get_json(base + "/v1/chat/completions")[0] == 405
+    assert get_json(base + "/v2/nothing")[0] == 404
+    status, _ = post_raw(base + "/v1/messages/count_tokens",
+                         json.dumps({"model": "nope", "messages": ASK}).encode())
+    assert status == 404
+    load = grpc_client.load()
+    assert_counted_invalid(before, load, 0)
+
+
+def test_bad_json_is_400_in_openai_shape(http_server, grpc_client):
+    before = grpc_client.load()
     url = http_server.http_url + "/v1/chat/completions"
     status, body = post_raw(url, b'{"model": "optiq-tiny", "messages": [')
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     status, body = post_raw(url, json.dumps({"model": MODEL, "messages": "hi"}).encode())
     assert status == 400 and body["error"]["param"] == "messages"
+    assert_counted_invalid(before, grpc_client.load(), 2)  # malformed bodies count too
 
 
 def test_closing_the_stream_frees_the_slot(oai, http_server, grpc_client):
@@ -311,3 +341,42 @@ def test_node_openai_client(http_server):
     assert seen["finish_reason"] == "length" and seen["completion_tokens"] == 8
     assert seen["not_found_status"] == 404
     assert seen["active_after_abort"] == 0
+
+
+def test_both_http_apis_snapshot_at_message_boundaries(oai, http_server, bundled_model_dir):
+    """The bundled model is hybrid: a chat request resumes from a snapshot only where an
+    earlier one's messages ended. The HTTP front fills those boundaries as gRPC does
+    (one request builder), so a new session on the same system prompt reuses exactly
+    the system turn, whichever API sent either request."""
+    from mlx_lm.utils import load_tokenizer
+
+    from optiq.runtime.boundaries import message_boundaries
+
+    tok = load_tokenizer(bundled_model_dir)
+
+    def system_end(msgs):
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        ids = list(tok.encode(text, add_special_tokens=False))
+        return message_boundaries(tok, msgs, ids)[0]
+
+    def openai_chat(system, user):
+        r = oai.chat.completions.create(
+            model=MODEL, max_tokens=4,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": user}])
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    def anthropic_chat(system, user):
+        status, body = post_raw(http_server.http_url + "/v1/messages", json.dumps({
+            "model": MODEL, "max_tokens": 4, "system": system,
+            "messages": [{"role": "user", "content": user}]}).encode(),
+            {"anthropic-version": "2023-06-01"})
+        assert status == 200, body
+        return body["usage"]["cache_read_input_tokens"]
+
+    for first, then, tag in ((openai_chat, anthropic_chat, "otters"),
+                             (anthropic_chat, openai_chat, "herons")):
+        system = f"You are the {tag} agent of the boundary test. Answer in one short line."
+        assert first(system, "Where do they live?") == 0
+        want = system_end([{"role": "system", "content": system},
+                           {"role": "user", "content": "Where do they live?"}])
+        assert then(system, "What do they eat?") == want > 0, tag
