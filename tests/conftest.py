@@ -29,3 +29,16 @@ def tiny_moe_dir(tmp_path_factory) -> Path:
     from optiq.core.tiny_models import make_tiny_moe
 
     return make_tiny_moe(tmp_path_factory.mktemp("moe") / "optiq-tiny-moe", seed=0)
+
+
+@pytest.fixture(scope="session")
+def http_server(bundled_model_dir):
+    """One `optiq serve --http-port 0` on the bundled model for the HTTP tests (greedy,
+    2 slots + 2 queue places so limits are cheap to reach, a 256-token context)."""
+    from serving import ServerProcess
+
+    with ServerProcess(
+        "--http-port", "0", "--max-concurrency", "2", "--max-queue", "2", "--temp", "0",
+        "--max-context", "256", model=str(bundled_model_dir),
+    ) as srv:
+        yield srv

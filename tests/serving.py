@@ -7,7 +7,9 @@ optiq.cli.main``), which the runtime package does not depend on.
         client = Client(srv.target)
 
 The server binds a free loopback port (``--port 0``) and the port is read from its
-"listening on" line. No MLX is imported in the calling process.
+"listening on" line; with ``--http-port`` the HTTP API's address is read from the same
+line (``srv.http_url``, e.g. ``http://127.0.0.1:PORT``). No MLX is imported in the
+calling process.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import time
 from typing import Any
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
+_HTTP = re.compile(r"HTTP API on (https?)://(\S+):(\d+)")
+_WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # a wildcard bind is reached via loopback
 # Only a hang guard for waits on events: never reached on a merely slow machine.
 HANG_S = 300.0
 
@@ -50,6 +54,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.host = "127.0.0.1"
+        self.http_url: str | None = None
         self.log: list[str] = []
         self._listening = threading.Event()
 
@@ -69,9 +74,13 @@ class ServerProcess:
             m = _LISTENING.search(line)
             if m and not self._listening.is_set():
                 host = m.group(1).strip("[]")
-                # a wildcard bind is reached through loopback
-                self.host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+                self.host = _WILDCARD.get(host, host)
                 self.port = int(m.group(2))
+                h = _HTTP.search(line)
+                if h:
+                    hh = _WILDCARD.get(h.group(2).strip("[]"), h.group(2).strip("[]"))
+                    hh = f"[{hh}]" if ":" in hh else hh
+                    self.http_url = f"{h.group(1)}://{hh}:{h.group(3)}"
                 self._listening.set()
 
     def start(self) -> "ServerProcess":

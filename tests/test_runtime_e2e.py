@@ -107,6 +107,7 @@ def test_model_info(client, bundled_model_dir):
     assert list(info.eos_token_ids)
     assert info.kv_cache.summary.startswith("default")
     assert not info.adapters
+    assert not info.supports_tools and info.tool_call_format == ""
 
 
 def test_tokenize_detokenize_roundtrip(client):
@@ -316,6 +317,16 @@ def test_resource_exhausted_when_queue_full(client):
         (dict(messages=[{"role": "", "content": "x"}]), "role is empty"),
         (dict(token_ids=[10**7]), "out of range"),
         (dict(prompt="hi", stop=[""]), "stop strings"),
+        # the bundled template renders no tools (test_http_tools.py uses one that does)
+        (dict(messages=[{"role": "user", "content": "x"}], tools=[{"name": "f"}]),
+         "does not render tools"),
+        (dict(prompt="hi", tools=[{"name": "f"}]), "apply only to messages"),
+        (dict(messages=[{"role": "user", "content": "x"}], tool_choice="required"),
+         "constrained decoding"),
+        (dict(messages=[{"role": "user", "content": "x"}], tools=[{"name": "no spaces"}]),
+         "tools[0].name"),
+        (dict(messages=[{"role": "user", "content": "x"}], chat_template_kwargs={"tools": []}),
+         "may not set tools"),
     ],
 )
 def test_bad_requests_are_invalid_argument(client, kwargs, message):

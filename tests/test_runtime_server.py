@@ -73,6 +73,8 @@ def test_cli_serve_refuses_bad_setups(tmp_path):
     assert main  # the entry point module imports without MLX work
     rc, err = run("--host", "0.0.0.0", "--port", "0")
     assert rc == 1 and "error: binding 0.0.0.0" in err
+    rc, err = run("--port", "5000", "--http-port", "5000")
+    assert rc == 1 and "also the gRPC --port" in err
     rc, err = run(str(tmp_path / "missing"), "--port", "0")
     assert rc == 1 and "error:" in err and "does not exist" in err
     rc, err = run("--adapter", "no-equals-sign", "--port", "0")
@@ -273,7 +275,7 @@ def test_auth_tls_and_message_limits(bundled_model_dir, tmp_path):
     key_value = "s3cret-token"
     with ServerProcess(
         "--host", "0.0.0.0", "--api-key", key_value, "--tls-cert", str(cert), "--tls-key", str(key),
-        "--max-message-mb", "1", model=model_path(bundled_model_dir),
+        "--max-message-mb", "1", "--http-port", "0", model=model_path(bundled_model_dir),
     ) as srv:
         good = Client(srv.target, api_key=key_value, tls_ca=cert)
         anon = Client(srv.target, api_key="", tls_ca=cert)
@@ -308,9 +310,40 @@ def test_auth_tls_and_message_limits(bundled_model_dir, tmp_path):
             with pytest.raises(grpc.RpcError) as e:
                 collect(good.generate(prompt="x" * (2 * 1024 * 1024), max_tokens=1))
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            check_http_auth_tls(srv, key_value, cert)
         finally:
             for c in (good, anon, wrong, plain):
                 c.close()
+
+
+def check_http_auth_tls(srv, key_value: str, cert: Path) -> None:
+    """The HTTP front of the same server: HTTPS with the same certificate, the same
+    key, the same message limit."""
+    import ssl
+
+    import openai
+
+    assert srv.http_url.startswith("https://")
+    trust = ssl.create_default_context(cafile=str(cert))
+
+    def client(key: str) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=srv.http_url + "/v1", api_key=key, max_retries=0,
+                             http_client=openai.DefaultHttpxClient(verify=trust))
+
+    good = client(key_value)
+    (model,) = [m.id for m in good.models.list()]
+    r = good.completions.create(model=model, prompt="hi", max_tokens=3,
+                                extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3
+    with pytest.raises(openai.AuthenticationError):
+        client("nope").models.list()
+    with pytest.raises(openai.APIStatusError) as e:
+        good.completions.create(model=model, prompt="x" * (2 * 1024 * 1024))
+    assert e.value.status_code == 413 and "--max-message-mb" in e.value.body["message"]
+    plain = openai.OpenAI(base_url=srv.http_url.replace("https", "http") + "/v1",
+                          api_key=key_value, max_retries=0)
+    with pytest.raises(openai.APIConnectionError):
+        plain.models.list()
 
 
 # ------------------------------------------------------------------ KV config + adapters

@@ -1,4 +1,5 @@
-"""``optiq serve``: run the gRPC generation service."""
+"""``optiq serve``: run the gRPC generation service (and, with ``--http-port``, the
+OpenAI / Anthropic HTTP API on the same engine)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback requires an API key.")
 @click.option("--port", default=50051, show_default=True, type=int, help="0 picks a free port.")
+@click.option("--http-port", type=int, default=None, metavar="PORT",
+              help="Also serve the OpenAI (/v1/chat/completions, /v1/completions, /v1/models) "
+                   "and Anthropic (/v1/messages) HTTP APIs on PORT, same engine, auth and TLS "
+                   "(0 picks a free port) [off].")
 @click.option("--max-context", type=int, default=None, metavar="N",
               help="Most tokens (prompt + output) per request [the model's context length].")
 @click.option("--max-tokens", type=int, default=None,
@@ -71,6 +76,7 @@ def serve(
     model_opt: str | None,
     host: str,
     port: int,
+    http_port: int | None,
     max_context: int | None,
     max_tokens: int | None,
     temperature: float | None,
@@ -87,7 +93,8 @@ def serve(
     shutdown_grace: float,
     verbose: bool,
 ) -> None:
-    """Serve MODEL over gRPC (optiq.v1.GenerationService, health, reflection).
+    """Serve MODEL over gRPC (optiq.v1.GenerationService, health, reflection), and over
+    OpenAI / Anthropic-compatible HTTP with --http-port.
 
     Stops gracefully on SIGTERM / Ctrl-C: health turns NOT_SERVING, new requests are
     refused and running ones get --shutdown-grace seconds to finish.
@@ -107,6 +114,7 @@ def serve(
         model=model or model_opt,
         host=host,
         port=port,
+        http_port=http_port,
         max_concurrency=max_concurrency,
         max_queue=max_queue,
         max_tokens=max_tokens,
@@ -129,8 +137,9 @@ def serve(
         auth = ", bearer auth" if config.api_key else ""
         from optiq.core.cpu import compute_summary, describe_compute
 
+        http = f"; HTTP API on {server.http.url} (OpenAI, Anthropic)" if server.http else ""
         click.echo(
-            f"optiq serve: listening on {server.address} ({scheme}{auth}); model {s.model_id} "
+            f"optiq serve: listening on {server.address} ({scheme}{auth}){http}; model {s.model_id} "
             f"({s.architecture}, {s.quant_summary}); max concurrency {max_concurrency}; "
             f"compute: {describe_compute(compute_summary())}",
             err=True,

@@ -54,7 +54,7 @@ def candidate_prefixes(n: int, limit: int = MAX_BOUNDARIES) -> list[int]:
 
 def message_boundaries(
     tokenizer: Any,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     ids: list[int],
     template_kwargs: dict[str, Any] | None = None,
     limit: int = MAX_BOUNDARIES,

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -72,13 +73,37 @@ def make_channel(
 
 
 def _messages(messages: Sequence[Any]) -> list[pb.ChatMessage]:
+    """``pb.ChatMessage`` or dicts: role, content, and optionally reasoning_content,
+    tool_calls (``{"id", "name", "arguments"}``, arguments a dict or JSON text),
+    tool_call_id and name."""
     out = []
     for m in messages:
         if isinstance(m, pb.ChatMessage):
             out.append(m)
-        else:
-            out.append(pb.ChatMessage(role=m["role"], content=m["content"]))
+            continue
+        calls = [
+            pb.ToolCall(id=c.get("id", ""), name=c["name"],
+                        arguments_json=c["arguments"] if isinstance(c.get("arguments"), str)
+                        else json.dumps(c.get("arguments") or {}))
+            for c in m.get("tool_calls") or ()
+        ]
+        out.append(pb.ChatMessage(
+            role=m["role"], content=m.get("content") or "",
+            reasoning_content=m.get("reasoning_content") or "", tool_calls=calls,
+            tool_call_id=m.get("tool_call_id") or "", name=m.get("name") or "",
+        ))
     return out
+
+
+def _tools(tools: Sequence[Any]) -> list[pb.Tool]:
+    """``pb.Tool`` or dicts ``{"name", "description", "parameters"}`` (a JSON Schema)."""
+    return [
+        t if isinstance(t, pb.Tool) else pb.Tool(
+            name=t["name"], description=t.get("description", ""),
+            parameters_json=json.dumps(t["parameters"]) if t.get("parameters") else "",
+        )
+        for t in tools
+    ]
 
 
 def generate_request(
@@ -95,6 +120,9 @@ def generate_request(
     top_logprobs: int = 0,
     adapter: str = "",
     request_id: str = "",
+    tools: Sequence[Any] = (),
+    tool_choice: str = "",
+    chat_template_kwargs: dict | None = None,
     **sampling: Any,
 ) -> pb.GenerateRequest:
     unknown = set(sampling) - set(SAMPLING_FIELDS)
@@ -111,6 +139,9 @@ def generate_request(
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         adapter=adapter,
+        tools=_tools(tools),
+        tool_choice=tool_choice,
+        chat_template_kwargs_json=json.dumps(chat_template_kwargs) if chat_template_kwargs else "",
         sampling=pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None}),
     )
     if enable_thinking is not None:
@@ -158,9 +189,10 @@ class Client:
         req = kwargs.pop("request", None) or generate_request(**kwargs)
         return self.stub.Generate(req, timeout=timeout, metadata=self.metadata)
 
-    def tokenize(self, text: str = "", *, messages: Sequence[Any] = (), **kw: Any) -> list[int]:
+    def tokenize(self, text: str = "", *, messages: Sequence[Any] = (), tools: Sequence[Any] = (),
+                 **kw: Any) -> list[int]:
         r = self.stub.Tokenize(
-            pb.TokenizeRequest(text=text, messages=_messages(messages), **kw),
+            pb.TokenizeRequest(text=text, messages=_messages(messages), tools=_tools(tools), **kw),
             metadata=self.metadata,
         )
         return list(r.token_ids)

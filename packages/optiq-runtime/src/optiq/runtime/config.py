@@ -73,6 +73,8 @@ class ServeConfig:
     model: str | Path | None = None
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    # OpenAI / Anthropic HTTP front on this port (None: off; 0: a free port)
+    http_port: int | None = None
     max_concurrency: int = 8
     max_queue: int = 64
     max_tokens: int | None = None  # None: generation_config / built-in default
@@ -104,6 +106,10 @@ class ServeConfig:
                 raise ConfigError(f"{f} does not exist or is not a file")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} out of range 0-65535")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"--http-port {self.http_port} out of range 0-65535")
+        if self.http_port and self.http_port == self.port:
+            raise ConfigError(f"--http-port {self.http_port} is also the gRPC --port: pick another")
         if self.max_concurrency < 1:
             raise ConfigError("--max-concurrency must be at least 1")
         if self.max_queue < 0:

@@ -43,6 +43,7 @@ from .types import (
     ERROR,
     LENGTH,
     STOP,
+    TOOL_CALLS,
     Event,
     Finished,
     GenerationRequest,
@@ -93,43 +94,55 @@ class _First:
 
 
 class RequestHandle:
-    """The handler's side of one request."""
+    """The handler's side of one request.
 
-    def __init__(self, request: GenerationRequest):
+    Blocking readers iterate :meth:`events`; an asyncio reader passes ``notify`` (called
+    on the engine thread after each event, e.g. ``loop.call_soon_threadsafe``) and takes
+    what is ready with :meth:`poll`.
+    """
+
+    def __init__(self, request: GenerationRequest, notify: Callable[[], None] | None = None):
         self.request = request
         self.received = time.perf_counter()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._notify = notify
         self.cancelled = False
+        self.done = False
+
+    def poll(self) -> list[Event]:
+        """The events ready now, without waiting; ``done`` turns True after the last one
+        (``Finished``, or a client cancel)."""
+        out: list[Event] = []
+        while not self.done:
+            try:
+                e = self._events.get_nowait()
+            except queue.Empty:
+                break
+            self._accept(e, out)
+        return out
 
     def events(self) -> Iterator[list[Event]]:
         """Batches of events as they arrive (all that are ready at once); ends after
         ``Finished`` or a client cancel."""
-        q = self._events
-        while True:
-            ev = q.get()
-            batch = [ev]
-            while True:
-                try:
-                    batch.append(q.get_nowait())
-                except queue.Empty:
-                    break
-            done = False
-            out = []
-            for e in batch:
-                if e is _END:
-                    done = True
-                    break
-                out.append(e)
-                if isinstance(e, Finished):
-                    done = True
-                    break
-            if out:
-                yield out
-            if done:
-                return
+        while not self.done:
+            batch: list[Event] = []
+            self._accept(self._events.get(), batch)
+            batch += self.poll()
+            if batch:
+                yield batch
+
+    def _accept(self, e: Any, out: list[Event]) -> None:
+        if e is _END:
+            self.done = True
+            return
+        out.append(e)
+        if isinstance(e, Finished):
+            self.done = True
 
     def _put(self, ev: Any) -> None:
         self._events.put(ev)
+        if self._notify is not None:
+            self._notify()
 
 
 @dataclass
@@ -256,8 +269,10 @@ class Engine:
     def adapter_names(self) -> list[str]:
         return sorted(self.loaded.adapters) if self.loaded else []
 
-    def submit(self, request: GenerationRequest) -> RequestHandle:
-        handle = RequestHandle(request)
+    def submit(self, request: GenerationRequest,
+               notify: Callable[[], None] | None = None) -> RequestHandle:
+        """Queue ``request``; ``notify`` (optional) is called after each of its events."""
+        handle = RequestHandle(request, notify)
         with self._lock:
             if not self.serving:
                 raise NotServing(
@@ -530,11 +545,14 @@ class Engine:
         req = st.handle.request
         room = lm.summary.context_length - len(req.prompt_tokens)
         max_tokens = max(1, min(req.max_tokens, room))
+        tags = lm.summary.tool_tags
         st.out = OutputProcessor(
             lm.tokenizer.detokenizer,
             stops=req.stop,
             think_tags=lm.summary.think_tags,
             initial_channel=req.initial_channel,
+            tool_format=(*tags, lm.tokenizer.tool_parser) if tags and req.tools else None,
+            tools=req.tools,
         )
         st.admitted = time.perf_counter()
         with self._lock:
@@ -682,7 +700,9 @@ class Engine:
     def _logprob(self, req: GenerationRequest, row: Any, token: int) -> TokenLogprob:
         import mlx.core as mx
 
-        lp = TokenLogprob(token, float(row[token].item()))
+        with self.tokenizer_lock:
+            text = self._lm.tokenizer.decode([token])
+        lp = TokenLogprob(token, float(row[token].item()), text="" if "\ufffd" in text else text)
         k = min(req.top_logprobs, row.shape[-1])
         if k > 0:
             idx = mx.argpartition(-row, kth=k - 1)[:k]
@@ -709,10 +729,12 @@ class Engine:
             st.handle._put(d)
         if stop_token:
             reason = STOP if token in req.stop_token_ids else EOS
+            reason = TOOL_CALLS if st.out.tool_calls else reason
             self._finish(st, by_handle, reason, stop_token_id=token)
             return True
         if st.out.stopped is not None:
-            self._finish(st, by_handle, STOP, stop_sequence=st.out.stopped)
+            reason = TOOL_CALLS if st.out.tool_calls else STOP
+            self._finish(st, by_handle, reason, stop_sequence=st.out.stopped)
             return True
         if last:
             self._finish(st, by_handle, LENGTH)

@@ -31,6 +31,10 @@ class ModelSummary:
     eos_token_ids: list[int] = field(default_factory=list)
     has_chat_template: bool = False
     think_tags: tuple[str | None, str | None] = (None, None)
+    # Tool calling (from mlx-lm's tokenizer, inferred from the chat template): the tags
+    # around a call and the mlx_lm.tool_parsers module that parses it; None if unknown.
+    tool_tags: tuple[str, str] | None = None
+    tool_call_format: str = ""
 
 
 def summarize(loaded: Any) -> ModelSummary:
@@ -54,6 +58,9 @@ def summarize(loaded: Any) -> ModelSummary:
         has_chat_template=bool(getattr(tok, "chat_template", None)),
         think_tags=(tok.think_start, tok.think_end) if tok.has_thinking else (None, None),
     )
+    if getattr(tok, "has_tool_calling", False) and s.has_chat_template:
+        s.tool_tags = (tok.tool_call_start, tok.tool_call_end)
+        s.tool_call_format = tok.tool_parser.__module__.rsplit(".", 1)[-1]
     if qmods:
         # Scales/biases count at 16 bits, as stored on disk (the CPU path may hold
         # them in fp32 in memory).

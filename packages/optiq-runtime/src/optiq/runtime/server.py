@@ -1,4 +1,5 @@
-"""The gRPC server: generation service, health, reflection, auth, TLS, shutdown.
+"""The gRPC server: generation service, health, reflection, auth, TLS, shutdown; and,
+with ``http_port``, the OpenAI / Anthropic HTTP front on the same engine.
 
 The port is bound and health answers NOT_SERVING while the model loads on the engine
 thread; it turns SERVING once loaded and back to NOT_SERVING when draining.
@@ -93,6 +94,7 @@ class GenerationServer:
             self._server,
         )
         self.port: int | None = None
+        self.http = None  # HttpFront once started with config.http_port
         self._stopped = threading.Event()
         self._shutdown_lock = threading.Lock()
 
@@ -117,7 +119,13 @@ class GenerationServer:
         if port == 0:
             raise ConfigError(f"cannot listen on {address} (in use or not a local address)")
         self.port = port
+        if c.http_port is not None:
+            from .http import HttpFront
+
+            self.http = HttpFront(self.engine, self.defaults, c)
         self._server.start()
+        if self.http is not None:
+            self.http.start()
         self.engine.start()
         threading.Thread(target=self._mark_ready, name="optiq-ready", daemon=True).start()
         return port
@@ -146,6 +154,8 @@ class GenerationServer:
             self._set_health(NOT_SERVING)
             self.engine.drain(grace)
             self._server.stop(1.0).wait()
+            if self.http is not None:
+                self.http.stop()
             self.engine.stop()
             self._stopped.set()
 

@@ -1,21 +1,27 @@
-"""The ``optiq.v1.GenerationService`` servicer: validates requests, hands them to the
-engine and streams its events back. Runs on gRPC worker threads; never touches MLX."""
+"""The ``optiq.v1.GenerationService`` servicer: validates requests (:mod:`.request`),
+hands them to the engine and streams its events back. Runs on gRPC worker threads;
+never touches MLX."""
 
 from __future__ import annotations
 
-import math
 import time
-import uuid
-from typing import Any, Iterator
+from typing import Iterator
 
 import grpc
 from optiq.v1 import generation_pb2 as pb
 from optiq.v1 import generation_pb2_grpc as pb_grpc
 
-from .boundaries import message_boundaries
 from .config import Defaults
 from .engine import Engine, NotServing, QueueFull
-from .text import initial_channel
+from .request import (
+    BadRequest,
+    PromptTooLong,
+    UnknownAdapter,
+    build_request,
+    chat_boundaries,
+    render_input,
+)
+from .text import REASONING, TOOL_CALL
 from .types import (
     CANCELLED,
     CONTENT,
@@ -23,15 +29,14 @@ from .types import (
     ERROR,
     LENGTH,
     STOP,
+    TOOL_CALLS,
     Delta,
     Finished,
-    GenerationRequest,
-    Sampling,
+    ToolCall,
 )
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_LENGTH = 256
-MAX_TOP_LOGPROBS = 20
+__all__ = ["BadRequest", "PromptTooLong", "UnknownAdapter", "GenerationService",
+           "build_request", "chat_boundaries", "render_input"]
 
 _REASONS = {
     LENGTH: pb.FINISH_REASON_LENGTH,
@@ -39,178 +44,31 @@ _REASONS = {
     EOS: pb.FINISH_REASON_EOS,
     CANCELLED: pb.FINISH_REASON_CANCELLED,
     ERROR: pb.FINISH_REASON_ERROR,
+    TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
 }
-_CHANNELS = {CONTENT: pb.CHANNEL_CONTENT, "reasoning": pb.CHANNEL_REASONING}
-
-
-class BadRequest(ValueError):
-    """A request the client must fix (INVALID_ARGUMENT)."""
-
-
-def _messages(msgs: Any) -> list[dict[str, str]]:
-    out = []
-    for i, m in enumerate(msgs):
-        if not m.role:
-            raise BadRequest(f"messages[{i}].role is empty")
-        out.append({"role": m.role, "content": m.content})
-    return out
-
-
-def render_input(
-    engine: Engine,
-    *,
-    text: str,
-    messages: Any,
-    token_ids: Any = (),
-    enable_thinking: bool | None,
-) -> tuple[list[int], str]:
-    """Token ids of exactly one input, and the text used to find the start channel."""
-    given = [n for n, v in (("prompt", text), ("messages", messages), ("token_ids", token_ids)) if v]
-    if not given:
-        raise BadRequest("empty input: set exactly one of prompt, messages or token_ids")
-    if len(given) > 1:
-        raise BadRequest(f"set exactly one input, got {' and '.join(given)}")
-    if enable_thinking is not None and not messages:
-        raise BadRequest("enable_thinking applies only to messages (chat input)")
-    tok = engine.tokenizer
-    summary = engine.summary
-    with engine.tokenizer_lock:
-        if text:
-            ids = list(tok.encode(text))
-            rendered = text
-        elif messages:
-            if not summary.has_chat_template:
-                raise BadRequest("this model has no chat template: send a plain prompt")
-            kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-            try:
-                rendered = tok.apply_chat_template(
-                    _messages(messages), add_generation_prompt=True, tokenize=False, **kwargs
-                )
-            except BadRequest:
-                raise
-            except Exception as e:  # jinja raise_exception(), bad roles, ...
-                raise BadRequest(f"chat template rejected the messages: {e}") from None
-            ids = list(tok.encode(rendered, add_special_tokens=False))
-        else:
-            ids = list(token_ids)
-            bad = [t for t in ids if t >= summary.vocab_size]
-            if bad:
-                raise BadRequest(
-                    f"token id {bad[0]} out of range: the vocabulary has {summary.vocab_size} ids"
-                )
-            rendered = tok.decode(ids[-16:])
-    if not ids:
-        raise BadRequest("the input encodes to zero tokens")
-    return ids, rendered
-
-
-def chat_boundaries(engine: Engine, messages: Any, ids: list[int],
-                    enable_thinking: bool | None) -> tuple[int, ...]:
-    """Where the messages end in ``ids``, when the engine snapshots there (a hybrid
-    model with the prefix cache on); else nothing, to spare the probe renderings."""
-    if not messages or not engine.snapshots_boundaries:
-        return ()
-    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    with engine.tokenizer_lock:
-        return message_boundaries(engine.tokenizer, _messages(messages), ids, kwargs)
-
-
-def _check_range(name: str, value: float, lo: float, hi: float, lo_open=False) -> None:
-    if math.isnan(value) or value < lo or value > hi or (lo_open and value == lo):
-        left = "(" if lo_open else "["
-        raise BadRequest(f"{name} must be in {left}{lo}, {hi}], got {value}")
-
-
-def resolve_sampling(p: pb.SamplingParams, d: Defaults) -> Sampling:
-    def get(name: str, default: Any) -> Any:
-        return getattr(p, name) if p.HasField(name) else default
-
-    s = Sampling(
-        temperature=get("temperature", d.temperature),
-        top_p=get("top_p", d.top_p),
-        top_k=get("top_k", d.top_k),
-        min_p=get("min_p", d.min_p),
-        repetition_penalty=get("repetition_penalty", d.repetition_penalty),
-        presence_penalty=get("presence_penalty", None),
-        frequency_penalty=get("frequency_penalty", None),
-        seed=get("seed", None),
-    )
-    _check_range("temperature", s.temperature, 0.0, 100.0)
-    _check_range("top_p", s.top_p, 0.0, 1.0, lo_open=True)
-    _check_range("min_p", s.min_p, 0.0, 1.0)
-    if s.min_p >= 1.0:
-        raise BadRequest("min_p must be < 1")
-    if s.top_k < 0:
-        raise BadRequest(f"top_k must be >= 0, got {s.top_k}")
-    if s.repetition_penalty is not None:
-        _check_range("repetition_penalty", s.repetition_penalty, 0.0, 10.0, lo_open=True)
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = getattr(s, name)
-        if v is not None:
-            _check_range(name, v, -2.0, 2.0)
-    return s
-
-
-def build_request(r: pb.GenerateRequest, engine: Engine, defaults: Defaults) -> GenerationRequest:
-    """Validate a GenerateRequest and turn it into an engine request (BadRequest if not)."""
-    if r.HasField("max_tokens") and r.max_tokens <= 0:
-        raise BadRequest(f"max_tokens must be > 0, got {r.max_tokens}")
-    if r.adapter and r.adapter not in engine.adapter_names:
-        names = ", ".join(engine.adapter_names) or "none"
-        raise BadRequest(f"unknown adapter '{r.adapter}' (registered: {names})")
-    if len(r.stop) > MAX_STOP_STRINGS:
-        raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(r.stop)}")
-    if any(not s or len(s) > MAX_STOP_LENGTH for s in r.stop):
-        raise BadRequest(f"stop strings must be 1-{MAX_STOP_LENGTH} characters")
-    if r.top_logprobs > MAX_TOP_LOGPROBS:
-        raise BadRequest(f"top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {r.top_logprobs}")
-    if r.top_logprobs and not r.logprobs:
-        raise BadRequest("top_logprobs needs logprobs = true")
-    summary = engine.summary
-    bad = [t for t in r.stop_token_ids if t >= summary.vocab_size]
-    if bad:
-        raise BadRequest(f"stop token id {bad[0]} out of range (vocabulary: {summary.vocab_size})")
-    sampling = resolve_sampling(r.sampling, defaults)
-    thinking = r.enable_thinking if r.HasField("enable_thinking") else None
-    ids, rendered = render_input(
-        engine,
-        text=r.prompt,
-        messages=r.messages,
-        token_ids=r.token_ids,
-        enable_thinking=thinking,
-    )
-    limit = summary.context_length
-    if len(ids) >= limit:
-        raise BadRequest(
-            f"prompt has {len(ids)} tokens; the model's context limit is {limit} "
-            f"(prompt + at least one generated token)"
-        )
-    return GenerationRequest(
-        request_id=r.request_id or uuid.uuid4().hex,
-        prompt_tokens=ids,
-        max_tokens=r.max_tokens if r.HasField("max_tokens") else defaults.max_tokens,
-        sampling=sampling,
-        stop=tuple(r.stop),
-        stop_token_ids=frozenset(r.stop_token_ids),
-        ignore_eos=r.ignore_eos,
-        logprobs=r.logprobs,
-        top_logprobs=r.top_logprobs,
-        adapter=r.adapter or None,
-        initial_channel=initial_channel(rendered, *summary.think_tags),
-        boundaries=chat_boundaries(engine, r.messages, ids, thinking),
-    )
+_CHANNELS = {
+    CONTENT: pb.CHANNEL_CONTENT,
+    REASONING: pb.CHANNEL_REASONING,
+    TOOL_CALL: pb.CHANNEL_TOOL_CALL,
+}
 
 
 def _delta_pb(d: Delta) -> pb.TokenDelta:
-    out = pb.TokenDelta(text=d.text, token_ids=d.token_ids, channel=_CHANNELS[d.channel])
+    out = pb.TokenDelta(text=d.text, token_ids=d.token_ids, channel=_CHANNELS[d.channel],
+                        malformed_tool_call=d.malformed_tool_call)
     for lp in d.logprobs:
         out.logprobs.add(
             token_id=lp.token_id,
             logprob=lp.logprob,
+            token=lp.text,
             top_logprobs=[pb.TopLogprob(token_id=t.token_id, logprob=t.logprob, token=t.text)
                           for t in lp.top],
         )
     return out
+
+
+def tool_call_pb(c: ToolCall) -> pb.ToolCall:
+    return pb.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments)
 
 
 def _coalesce(events: list) -> list:
@@ -223,6 +81,7 @@ def _coalesce(events: list) -> list:
             and out
             and isinstance(out[-1], Delta)
             and out[-1].channel == e.channel
+            and not (e.malformed_tool_call or out[-1].malformed_tool_call)
         ):
             prev = out[-1]
             out[-1] = Delta(
@@ -294,6 +153,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             for e in _coalesce(events):
                 if isinstance(e, Delta):
                     yield pb.GenerateResponse(request_id=rid, delta=_delta_pb(e))
+                elif isinstance(e, ToolCall):
+                    yield pb.GenerateResponse(request_id=rid, tool_call=tool_call_pb(e))
                 else:
                     yield pb.GenerateResponse(request_id=rid, finished=finished_pb(e))
                     if e.reason == ERROR:
@@ -304,12 +165,14 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                  ) -> pb.TokenizeResponse:
         self._ready(context)
         try:
-            ids, _ = render_input(
+            ids, _, _ = render_input(
                 self.engine,
                 text=request.text,
                 messages=request.messages,
                 enable_thinking=request.enable_thinking
                 if request.HasField("enable_thinking") else None,
+                tools=request.tools,
+                chat_template_kwargs_json=request.chat_template_kwargs_json,
             )
         except BadRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -379,6 +242,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             has_chat_template=s.has_chat_template,
             server_version=self.version,
             prompt_cache_max_bytes=self.engine.prompt_cache_bytes,
+            supports_tools=s.tool_tags is not None,
+            tool_call_format=s.tool_call_format,
         )
 
     def GetLoad(self, request: pb.GetLoadRequest, context: grpc.ServicerContext

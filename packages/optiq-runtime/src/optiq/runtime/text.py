@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 CONTENT = "content"
 REASONING = "reasoning"
+TOOL_CALL = "tool_call"  # token ids of a tool call being written (no text)
 
 
 def _held_tail(text: str, patterns: tuple[str, ...]) -> int:

@@ -12,6 +12,7 @@ STOP = "stop"
 EOS = "eos"
 CANCELLED = "cancelled"
 ERROR = "error"
+TOOL_CALLS = "tool_calls"
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class GenerationRequest:
     # Token offsets where chat messages end (optiq.runtime.boundaries): a hybrid model's
     # prefill snapshots its state there for the prefix cache. Empty for plain prompts.
     boundaries: tuple[int, ...] = ()
+    # Tool definitions as the chat template saw them ({"type": "function", "function":
+    # {...}}); None: the output is not parsed for tool calls.
+    tools: tuple[dict, ...] | None = None
 
 
 @dataclass
@@ -64,6 +68,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[TopToken] = field(default_factory=list)
+    text: str = ""
 
 
 @dataclass
@@ -72,6 +77,17 @@ class Delta:
     token_ids: list[int]
     channel: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # The text is a tool call the model wrote that could not be parsed (returned as is).
+    malformed_tool_call: bool = False
+
+
+@dataclass
+class ToolCall:
+    """One parsed tool call; ``arguments`` is the arguments object as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass
@@ -96,4 +112,4 @@ class Finished:
     error: str = ""
 
 
-Event = Delta | Finished
+Event = Delta | ToolCall | Finished
