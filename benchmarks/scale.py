@@ -10,7 +10,7 @@ reported as such. Random weights make quality meaningless here; cost is real.
     uv run python benchmarks/scale.py --shape 4b --rows mlx_lm,static
     uv run python benchmarks/scale.py --rows default        # optiq's default convert
 
-Rows: ``mlx_lm`` (``mlx_lm.convert -q``), ``static`` (``optiq convert --method
+Rows (``--rows``; each registered with ``@row``): ``mlx_lm`` (``mlx_lm.convert -q``), ``static`` (``optiq convert --method
 static``), ``default`` (``optiq convert --target-bpw 4.5``), ``bits48`` (the default
 with ``--candidate-bits 4,8``).
 
@@ -31,7 +31,9 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 SHAPES = {
     # the smallest real Qwen3.5 shape: 752M parameters, 1.5 GB bf16
@@ -149,14 +151,105 @@ def run(cmd: list[str], cap: int, log: Path) -> dict:
     return dict(seconds=time.monotonic() - t0, peak=peak, rc=rc, killed=killed)
 
 
+@dataclass
+class Ctx:
+    """What a row needs: the shape, its config, the bf16 model, the work dir, the GEMM rate."""
+
+    shape: str
+    cfg: dict
+    model: Path
+    workdir: Path
+    rate: float
+    cap: int
+
+    def quant(self) -> Path:
+        """The model's 4-bit quant from ``mlx_lm.convert -q`` (built once, reused): what
+        eval, kv-cache, lora and serve rows run on, as a user would."""
+        out = self.workdir / f"qwen3_5-{self.shape}-q4"
+        if not (out / "config.json").exists():
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(self.model), "-q",
+                            "--mlx-path", str(tmp)], check=True, stdout=subprocess.DEVNULL)
+            os.replace(tmp, out)
+        return out
+
+    def out(self, name: str) -> Path:
+        out = self.workdir / f"out-{self.shape}-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        return out
+
+
+@dataclass
+class Row:
+    """One command to time, and how to read what it measured once it has run."""
+
+    cmd: list[str]
+    notes: Callable[[dict], str] = lambda result: ""
+
+
+ROWS: dict[str, Callable[[Ctx], Row]] = {}
+
+
+def row(name: str):
+    """Register a row: a function of the context returning the :class:`Row` to run."""
+
+    def register(fn: Callable[[Ctx], Row]) -> Callable[[Ctx], Row]:
+        ROWS[name] = fn
+        return fn
+
+    return register
+
+
+OPTIQ = [sys.executable, "-m", "optiq.cli.main"]
+
+
+# ------------------------------------------------------------------ convert rows
+@row("mlx_lm")
+def _mlx_lm(ctx: Ctx) -> Row:
+    return Row([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(ctx.model), "-q",
+                "--mlx-path", str(ctx.out("mlx_lm"))])
+
+
+def _convert(ctx: Ctx, name: str, flags: list[str]) -> Row:
+    out = ctx.out(name)
+    return Row(OPTIQ + ["convert", str(ctx.model), *flags, "-o", str(out), "--force"],
+               lambda r: convert_notes(ctx, out, r))
+
+
+def convert_notes(ctx: Ctx, out: Path, r: dict) -> str:
+    """Plan estimate, stage times and the sensitivity pass against its compute bound."""
+    meta_file = out / "optiq_metadata.json"
+    if r["rc"] != 0 or not meta_file.exists():
+        return ""
+    meta = json.loads(meta_file.read_text())
+    secs = meta.get("seconds", {})
+    notes = [f"plan {meta.get('memory_plan_bytes', 0) / 2**30:.2f} GB"]
+    notes += [f"{k} {v:.0f} s" for k, v in secs.items() if k in ("load", "sensitivity", "write")]
+    if meta.get("method") == "optiq" and meta.get("calibration"):
+        widths = len(meta["candidate_bits"])
+        t_bound = sensitivity_flops(ctx.cfg, int(meta["calibration"]["tokens"]), widths) / ctx.rate
+        s = secs.get("sensitivity", 0)
+        notes.append(f"sensitivity {s:.0f} s vs bound {t_bound:.0f} s ({s / t_bound:.1f}x)")
+    return "; ".join(notes)
+
+
+row("static")(lambda ctx: _convert(ctx, "static", ["--method", "static", "--target-bpw", "4.5"]))
+row("default")(lambda ctx: _convert(ctx, "default", ["--target-bpw", "4.5"]))
+row("bits48")(lambda ctx: _convert(ctx, "bits48", ["--target-bpw", "4.5", "--candidate-bits", "4,8"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="0.8b")
-    ap.add_argument("--rows", default="mlx_lm,static")
+    ap.add_argument("--rows", default="mlx_lm,static", help=f"comma-separated, of: {', '.join(ROWS)}")
     ap.add_argument("--workdir", type=Path, default=Path("runs/scale"))
     ap.add_argument("--cap-gb", type=float, default=20.0)
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    unknown = [n for n in args.rows.split(",") if n not in ROWS]
+    if unknown:
+        ap.error(f"unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     model = args.workdir / f"qwen3_5-{args.shape}"
@@ -167,36 +260,16 @@ def main() -> None:
     subprocess.run([sys.executable, __file__, "--shape", args.shape, "--workdir", str(args.workdir),
                     "--build-only"], check=True)
     print(f"model: {model} (built or reused in {time.monotonic() - t0:.0f} s)")
-    optiq = [sys.executable, "-m", "optiq.cli.main", "convert", str(model)]
-    rows = {
-        "mlx_lm": [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(model), "-q"],
-        "static": optiq + ["--method", "static", "--target-bpw", "4.5"],
-        "default": optiq + ["--target-bpw", "4.5"],
-        "bits48": optiq + ["--target-bpw", "4.5", "--candidate-bits", "4,8"],
-    }
     rate = gemm_rate()
-    cfg = {**COMMON, **SHAPES[args.shape]}
+    ctx = Ctx(args.shape, {**COMMON, **SHAPES[args.shape]}, model, args.workdir, rate, int(args.cap_gb * 2**30))
     print(f"fp32 GEMM rate now: {rate / 1e9:.0f} GFLOP/s")
-    print(f"\n| {args.shape} shape | wall s | peak RSS GB | plan GB | stages s | sensitivity vs bound | result |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n| {args.shape} shape | wall s | peak RSS GB | result | notes |")
+    print("| --- | --- | --- | --- | --- |")
     for name in args.rows.split(","):
-        out = args.workdir / f"out-{args.shape}-{name}"
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = rows[name] + (["--mlx-path", str(out)] if name == "mlx_lm" else ["-o", str(out), "--force"])
-        r = run(cmd, int(args.cap_gb * 2**30), args.workdir / f"{args.shape}-{name}.log")
+        spec = ROWS[name](ctx)
+        r = run(spec.cmd, ctx.cap, args.workdir / f"{args.shape}-{name}.log")
         what = f"killed at the {args.cap_gb:g} GB cap" if r["killed"] else ("ok" if r["rc"] == 0 else f"exit {r['rc']}")
-        plan = stages = bound = "-"
-        meta_file = out / "optiq_metadata.json"
-        if name != "mlx_lm" and r["rc"] == 0 and meta_file.exists():
-            meta = json.loads(meta_file.read_text())
-            secs = meta.get("seconds", {})
-            plan = f"{meta.get('memory_plan_bytes', 0) / 2**30:.2f}"
-            stages = ", ".join(f"{k} {v:.0f}" for k, v in secs.items() if k in ("load", "sensitivity", "write"))
-            if meta.get("method") == "optiq" and meta.get("calibration"):
-                widths = len(meta["candidate_bits"])
-                t_bound = sensitivity_flops(cfg, int(meta["calibration"]["tokens"]), widths) / rate
-                bound = f"{secs.get('sensitivity', 0):.0f} s vs {t_bound:.0f} s ({secs.get('sensitivity', 0) / t_bound:.1f}x)"
-        print(f"| {name} | {r['seconds']:.1f} | {r['peak'] / 2**30:.2f} | {plan} | {stages} | {bound} | {what} |", flush=True)
+        print(f"| {name} | {r['seconds']:.1f} | {r['peak'] / 2**30:.2f} | {what} | {spec.notes(r)} |", flush=True)
 
 
 if __name__ == "__main__":
