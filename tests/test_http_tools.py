@@ -226,11 +226,17 @@ def test_adapters_are_model_names(oai, grpc_client):
     assert [m.id for m in oai.models.list()] == [MODEL, "rnd"]
     kw = dict(messages=[{"role": "user", "content": HELLO_Q}], max_tokens=8,
               extra_body={**NO_THINK, "ignore_eos": True})
-    base = oai.chat.completions.create(model=MODEL, **kw).choices[0].message.content
-    adapted = oai.chat.completions.create(model="rnd", **kw).choices[0].message.content
-    want = "".join(e.delta.text for e in grpc_client.generate(
+
+    def http(model):  # the answer and any reasoning the random adapter happens to open
+        msg = oai.chat.completions.create(model=model, **kw).choices[0].message
+        return msg.content or "", (msg.model_extra or {}).get("reasoning_content") or ""
+
+    base, adapted = http(MODEL), http("rnd")
+    deltas = [e.delta for e in grpc_client.generate(
         messages=[{"role": "user", "content": HELLO_Q}], max_tokens=8, ignore_eos=True,
-        enable_thinking=False, adapter="rnd") if e.HasField("delta"))
+        enable_thinking=False, adapter="rnd") if e.HasField("delta")]
+    want = tuple("".join(d.text for d in deltas if d.channel == ch)
+                 for ch in (pb.CHANNEL_CONTENT, pb.CHANNEL_REASONING))
     assert adapted == want and adapted != base
 
 
