@@ -24,8 +24,9 @@ class Progress:
         self.done = 0
         self.t0 = time.time()
 
-    def step(self, what: str = "") -> None:
-        self.done += 1
+    def step(self, what: str = "", n: int = 1) -> None:
+        """``n`` more units done (a batch of windows is several)."""
+        self.done += n
         elapsed = time.time() - self.t0
         remaining = elapsed / self.done * (self.total - self.done)
         extra = f" {what}" if what else ""
