@@ -49,12 +49,23 @@ def score_heads(
                             "KL needs the same vocabulary")
     step = max(8, TILE_ELEMENTS // max(int(xn.shape[0]), 1))
     scores = SlicedScores(targets, ref is not None)
-    for s0 in range(0, V, step):
+
+    def tiles(s0: int) -> list[mx.array]:
         s1 = min(V, s0 + step)
-        z = xn @ head_rows(head, s0, s1).T
-        r = xr @ head_rows(ref_head, s0, s1).T if ref is not None else None
-        mx.eval(z, r) if r is not None else mx.eval(z)
-        scores.add(s0, np.asarray(z), None if r is None else np.asarray(r))
+        out = [xn @ head_rows(head, s0, s1).T]
+        if ref is not None:
+            out.append(xr @ head_rows(ref_head, s0, s1).T)
+        mx.async_eval(out)  # the next slice's GEMMs run while numpy folds in this one
+        return out
+
+    starts = list(range(0, V, step))
+    nxt = tiles(0)
+    for i, s0 in enumerate(starts):
+        cur = nxt
+        if i + 1 < len(starts):
+            nxt = tiles(starts[i + 1])
+        mx.eval(cur)
+        scores.add(s0, *(np.asarray(t) for t in cur))
     return scores
 
 
