@@ -2,8 +2,10 @@
 
 ``perplexity(model, tokenizer, texts)`` and ``mean_kl(model, ref_model, tokenizer, texts)``
 cut the token stream into non-overlapping windows of ``seq_len`` tokens and score every
-next-token prediction in them. Per-token statistics are computed in numpy fp32 (see
-:mod:`optiq.core.kl`).
+next-token prediction in them. The head's logits are made one vocabulary slice at a time
+and folded into per-position statistics (:func:`.eval_stream.score_heads`), so no batch's
+``tokens x vocabulary`` logits ever exist. :func:`evaluate_model` (``optiq eval``) goes
+further: it streams both models from disk block by block (:mod:`.eval_stream`).
 
 Both accept ``make_cache``: a callable ``model -> list of per-layer caches`` (e.g. a
 mixed-precision KV cache). With it, each window is fed through the model in chunks of
