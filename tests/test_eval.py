@@ -233,7 +233,8 @@ def test_streamed_eval_equals_the_whole_model_computation(pair, tmp_path, window
     assert rep.kl.ref_ppl == pytest.approx(np.exp(ref_nll.mean()), rel=1e-5)
     assert rep.perplexity.ppl == rep.kl.ppl
     assert np.allclose(rep.kl.per_window, kl.reshape(len(windows), -1).mean(1), rtol=1e-3, atol=1e-6)
-    assert lines[0].startswith("eval: window 4 of 6") and lines[-1].startswith("eval: window 6 of 6")
+    assert "eval: window 0 of 6 (model block 1 of 8)" in lines[0] and "(reference block 8 of 8)" in lines[15]
+    assert lines[16].startswith("eval: window 4 of 6 (head)") and lines[-1].startswith("eval: window 6 of 6 (head)")
     # the in-memory path (what --kv-config uses) scores the same way
     from optiq.core.model_io import load_model
 

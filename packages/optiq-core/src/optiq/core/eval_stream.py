@@ -89,8 +89,9 @@ def open_blocks(path: str | Path) -> tuple[BlockModel, Any]:
     return BlockModel.of(lm.path, lm.model), lm
 
 
-def last_hidden(bm: BlockModel, x: mx.array) -> mx.array:
-    """The last block's output for tokens ``x`` [B, T], one block's weights resident at a time."""
+def last_hidden(bm: BlockModel, x: mx.array, on_block: Callable[[int], None] | None = None) -> mx.array:
+    """The last block's output for tokens ``x`` [B, T], one block's weights resident at a time
+    (``on_block(k)`` after block ``k``)."""
     emb = [bm.embedding.path + ".weight"] if bm.embedding is not None else []
     with bm.materialized(emb, dtype=None), bm.rest():  # the table as stored: no fp32 copy of it
         h = bm.first_input(x).astype(mx.float32)
@@ -99,6 +100,8 @@ def last_hidden(bm: BlockModel, x: mx.array) -> mx.array:
         with bm.block(k):
             h = bm.block_output(k, x, h)
             mx.eval(h)
+        if on_block is not None:
+            on_block(k)
     return h
 
 
@@ -120,7 +123,12 @@ def streamed_scores(
         b = windows[s : s + bs]
         x = mx.array(b[:, :-1])
         models = [model] + ([reference] if reference is not None else [])
-        hs = [last_hidden(bm, x) for bm in models]
+        # progress in windows, a batch's share per block of each model and for the head
+        share = len(b) / (sum(len(bm.layers) for bm in models) + 1)
+        hs = []
+        for name, bm in zip(("model", "reference"), models):
+            L = len(bm.layers)
+            hs.append(last_hidden(bm, x, lambda k: prog.step(f"({name} block {k + 1} of {L})", n=share)))
         if s == 0:
             for bm, h in zip(models, hs):
                 check_head(bm, x, h, what="the streamed eval", fix="")
@@ -137,6 +145,6 @@ def streamed_scores(
         if reference is not None:
             ref_nll.append(sc.ref_nll())
             kl.append(sc.kl())
-        prog.step(n=len(b))
+        prog.step("(head)", n=share)
     cat = np.concatenate
     return cat(nll), (cat(ref_nll) if ref_nll else None), (cat(kl) if kl else None)
