@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -142,8 +143,13 @@ def sensitivity_flops(cfg: dict, tokens: int, widths: int) -> float:
     return float(blocks + head)
 
 
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run(cmd: list[str], cap: int, log: Path) -> dict:
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), _children_cpu()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         peak, killed = 0, False
@@ -155,7 +161,8 @@ def run(cmd: list[str], cap: int, log: Path) -> dict:
                 break
             time.sleep(0.1)
         rc = proc.wait()
-    return dict(seconds=time.monotonic() - t0, peak=peak, rc=rc, killed=killed)
+    # CPU seconds of the row's process tree: on a shared machine wall time also counts waiting
+    return dict(seconds=time.monotonic() - t0, cpu=_children_cpu() - cpu0, peak=peak, rc=rc, killed=killed)
 
 
 @dataclass
@@ -272,7 +279,7 @@ def _eval(ctx: Ctx) -> Row:
         bound = eval_flops(ctx.cfg, int(tokens.group(1))) / ctx.rate
         return (f"{tokens.group(1)} tokens; perplexity {got.get('perplexity')}, reference {got.get('reference', '').split('(')[-1].rstrip(')')}; "
                 f"mean KL {got.get('mean KL', '').split(' ')[0]}; {r['seconds']:.0f} s vs compute bound {bound:.0f} s "
-                f"({r['seconds'] / bound:.2f}x)")
+                f"({r['seconds'] / bound:.2f}x); CPU {r['cpu']:.0f} s (the bound uses 2 cores: {2 * bound:.0f} CPU s)")
 
     return Row(OPTIQ + ["eval", str(ctx.quant()), "--reference", str(ctx.model)], notes)
 
