@@ -4,10 +4,12 @@
 (records sampled at random, not a local text's consecutive windows) and it scores one
 model, no KL. So, as a user would: ``mlx_lm.load`` both models, ``model(inputs)`` per
 window, cross-entropy and KL from the full logits. Stock mlx-lm on the CPU computes in
-bf16 at a few GFLOP/s, so only the first ``--windows`` windows are scored; the script
-prints the seconds per token to extrapolate from.
+bf16 at 1-2 GFLOP/s, so only the first ``--tokens`` positions are scored (a prefix of
+the first window: what a causal model predicts there does not depend on the rest); the
+script prints the seconds per token to extrapolate from (the cost per token of these
+short windows is the projections', nearly constant).
 
-    python benchmarks/eval_mlx_lm.py QUANT MODEL TEXT [--seq-len 256] [--windows 1]
+    python benchmarks/eval_mlx_lm.py QUANT MODEL TEXT [--seq-len 256] [--tokens 64]
 """
 
 from __future__ import annotations
@@ -28,19 +30,22 @@ def main() -> None:
     ap.add_argument("reference")
     ap.add_argument("text")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--windows", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=64, help="score this many positions (whole windows, then a prefix)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     model, tok = load(args.quant)
     ref, _ = load(args.reference)
     ids = tok.encode(open(args.text).read())
     w = args.seq_len + 1
-    n = min(args.windows, len(ids) // w)
+    n = min(-(-args.tokens // args.seq_len), len(ids) // w)
     data = mx.array(ids[: n * w]).reshape(n, w)
     t1 = time.perf_counter()
     nll, ref_nll, kl = [], [], []
+    tokens = 0
     for i in range(n):  # one window at a time: a window's full logits are 0.25 GB per model
-        x, y = data[i : i + 1, :-1], data[i : i + 1, 1:]
+        k = min(args.seq_len, args.tokens - tokens)
+        x, y = data[i : i + 1, :k], data[i : i + 1, 1 : k + 1]
+        tokens += k
         z = model(x).astype(mx.float32)
         r = ref(x).astype(mx.float32)
         lz, lr = z - mx.logsumexp(z, -1, keepdims=True), r - mx.logsumexp(r, -1, keepdims=True)
@@ -49,7 +54,6 @@ def main() -> None:
         kl.append((mx.exp(lr) * (lr - lz)).sum(-1).reshape(-1))
         mx.eval(nll[-1], ref_nll[-1], kl[-1])
     t2 = time.perf_counter()
-    tokens = n * args.seq_len
     print(json.dumps({
         "tokens": tokens,
         "perplexity": math.exp(mx.concatenate(nll).mean().item()),

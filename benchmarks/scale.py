@@ -14,7 +14,7 @@ Rows (``--rows``; each registered with ``@row``): ``mlx_lm`` (``mlx_lm.convert -
 static``), ``default`` (``optiq convert --target-bpw 4.5``), ``bits48`` (the default
 with ``--candidate-bits 4,8``), ``eval`` (``optiq eval`` of the 4-bit quant against the
 model on the bundled held-out text, against the compute bound of both forward passes)
-and ``eval_mlx_lm`` (its mlx-lm peer, ``benchmarks/eval_mlx_lm.py``, on one window).
+and ``eval_mlx_lm`` (its mlx-lm peer, ``benchmarks/eval_mlx_lm.py``, on the first 64 tokens).
 
 For the optiq rows it also prints the memory plan's estimate (``memory_plan_bytes``)
 beside the measured peak, the time of each stage, and the sensitivity pass against its
@@ -286,7 +286,7 @@ def _eval(ctx: Ctx) -> Row:
 
 @row("eval_mlx_lm")
 def _eval_mlx_lm(ctx: Ctx) -> Row:
-    """The mlx-lm peer (benchmarks/eval_mlx_lm.py): stock bf16 CPU compute, so one window only."""
+    """The mlx-lm peer (benchmarks/eval_mlx_lm.py): stock bf16 CPU compute, so 64 tokens only."""
     from optiq.core.evaluate import default_eval_text
 
     def notes(r: dict) -> str:
