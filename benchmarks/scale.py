@@ -12,7 +12,9 @@ reported as such. Random weights make quality meaningless here; cost is real.
 
 Rows (``--rows``; each registered with ``@row``): ``mlx_lm`` (``mlx_lm.convert -q``), ``static`` (``optiq convert --method
 static``), ``default`` (``optiq convert --target-bpw 4.5``), ``bits48`` (the default
-with ``--candidate-bits 4,8``).
+with ``--candidate-bits 4,8``), ``eval`` (``optiq eval`` of the 4-bit quant against the
+model on the bundled held-out text, against the compute bound of both forward passes)
+and ``eval_mlx_lm`` (its mlx-lm peer, ``benchmarks/eval_mlx_lm.py``, on the first 64 tokens).
 
 For the optiq rows it also prints the memory plan's estimate (``memory_plan_bytes``)
 beside the measured peak, the time of each stage, and the sensitivity pass against its
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -119,9 +122,9 @@ def gemm_rate(n: int = 2048, repeat: int = 5) -> float:
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
-def sensitivity_flops(cfg: dict, tokens: int, widths: int) -> float:
-    """Matmul FLOPs of the streamed Fisher pass (see module doc) for a qwen3_5 config."""
-    H, L, V, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
+def block_params(cfg: dict) -> int:
+    """Weights of all decoder blocks' projections (what their matmuls multiply) of a qwen3_5 config."""
+    H, L, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
     hd, nq, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     kd, vd = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
     nk, nv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
@@ -129,14 +132,24 @@ def sensitivity_flops(cfg: dict, tokens: int, widths: int) -> float:
     full = H * (2 * nq * hd) + 2 * H * nkv * hd + nq * hd * H
     linear = H * (2 * nk * kd + nv * vd) + H * nv * vd + 2 * H * nv + nv * vd * H
     n_full = L // cfg["full_attention_interval"]
-    block_params = n_full * (full + mlp) + (L - n_full) * (linear + mlp)
-    blocks = 2 * tokens * block_params * (1 + 1 + 2 + widths)  # forward, recompute, backward, projections
+    return n_full * (full + mlp) + (L - n_full) * (linear + mlp)
+
+
+def sensitivity_flops(cfg: dict, tokens: int, widths: int) -> float:
+    """Matmul FLOPs of the streamed Fisher pass (see module doc) for a qwen3_5 config."""
+    H, V = cfg["hidden_size"], cfg["vocab_size"]
+    blocks = 2 * tokens * block_params(cfg) * (1 + 1 + 2 + widths)  # forward, recompute, backward, projections
     head = 2 * tokens * V * H * (2 + 1 + widths)  # two logit passes, gradient, projections
     return float(blocks + head)
 
 
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run(cmd: list[str], cap: int, log: Path) -> dict:
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), _children_cpu()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         peak, killed = 0, False
@@ -148,7 +161,8 @@ def run(cmd: list[str], cap: int, log: Path) -> dict:
                 break
             time.sleep(0.1)
         rc = proc.wait()
-    return dict(seconds=time.monotonic() - t0, peak=peak, rc=rc, killed=killed)
+    # CPU seconds of the row's process tree: on a shared machine wall time also counts waiting
+    return dict(seconds=time.monotonic() - t0, cpu=_children_cpu() - cpu0, peak=peak, rc=rc, killed=killed)
 
 
 @dataclass
@@ -237,6 +251,57 @@ def convert_notes(ctx: Ctx, out: Path, r: dict) -> str:
 row("static")(lambda ctx: _convert(ctx, "static", ["--method", "static", "--target-bpw", "4.5"]))
 row("default")(lambda ctx: _convert(ctx, "default", ["--target-bpw", "4.5"]))
 row("bits48")(lambda ctx: _convert(ctx, "bits48", ["--target-bpw", "4.5", "--candidate-bits", "4,8"]))
+
+
+# ------------------------------------------------------------------ eval rows
+def eval_flops(cfg: dict, tokens: int, models: int = 2) -> float:
+    """Matmul FLOPs of ``models`` forward passes over ``tokens``, the vocabulary-sized head included."""
+    return float(models * 2 * tokens * (block_params(cfg) + cfg["vocab_size"] * cfg["hidden_size"]))
+
+
+def _log_text(ctx: Ctx, name: str) -> str:
+    log = ctx.workdir / f"{ctx.shape}-{name}.log"
+    return log.read_text() if log.exists() else ""
+
+
+@row("eval")
+def _eval(ctx: Ctx) -> Row:
+    """``optiq eval QUANT --reference MODEL`` on the bundled held-out text (7,680 tokens)."""
+
+    def notes(r: dict) -> str:
+        import re
+
+        text = _log_text(ctx, "eval")
+        got = dict(re.findall(r"^(perplexity|mean KL|reference):\s+(.*)$", text, re.M))
+        tokens = re.search(r"\((\d+) tokens, windows", text)
+        if r["rc"] != 0 or not tokens:
+            return ""
+        bound = eval_flops(ctx.cfg, int(tokens.group(1))) / ctx.rate
+        return (f"{tokens.group(1)} tokens; perplexity {got.get('perplexity')}, reference {got.get('reference', '').split('(')[-1].rstrip(')')}; "
+                f"mean KL {got.get('mean KL', '').split(' ')[0]}; {r['seconds']:.0f} s vs compute bound {bound:.0f} s "
+                f"({r['seconds'] / bound:.2f}x); CPU {r['cpu']:.0f} s (the bound uses 2 cores: {2 * bound:.0f} CPU s)")
+
+    return Row(OPTIQ + ["eval", str(ctx.quant()), "--reference", str(ctx.model)], notes)
+
+
+@row("eval_mlx_lm")
+def _eval_mlx_lm(ctx: Ctx) -> Row:
+    """The mlx-lm peer (benchmarks/eval_mlx_lm.py): stock bf16 CPU compute, so 64 tokens only."""
+    from optiq.core.evaluate import default_eval_text
+
+    def notes(r: dict) -> str:
+        lines = [ln for ln in _log_text(ctx, "eval_mlx_lm").splitlines() if ln.startswith("{")]
+        if r["rc"] != 0 or not lines:
+            return ""
+        j = json.loads(lines[-1])
+        full = 7680 * j["s_per_token"]
+        bound = eval_flops(ctx.cfg, 7680) / ctx.rate
+        return (f"{j['tokens']} tokens only; perplexity {j['perplexity']:.4f}, reference {j['reference_perplexity']:.4f}; "
+                f"mean KL {j['mean_kl']:.6f}; scoring {j['score_s']:.0f} s ({j['s_per_token']:.3f} s/token: "
+                f"~{full:.0f} s for 7,680 tokens, {full / bound:.1f}x the fp32 compute bound {bound:.0f} s)")
+
+    script = Path(__file__).with_name("eval_mlx_lm.py")
+    return Row([sys.executable, str(script), str(ctx.quant()), str(ctx.model), str(default_eval_text())], notes)
 
 
 def main() -> None:

@@ -173,3 +173,98 @@ def test_cli_eval_errors(capsys, tmp_path):
         assert exc.value.code == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and match in err
+
+
+# ------------------------------------------------------------------ streamed eval == whole-model eval
+def _direct(cand_dir, ref_dir, windows):
+    """Today's whole-model computation: full logits of each model, numpy statistics."""
+    from optiq.core.kl import RefDist, kl_per_token, nll_per_token
+    from optiq.core.model_io import load_model
+    from optiq.core.quant.gdn import fast_gated_delta
+
+    cand, ref = load_model(cand_dir).model, load_model(ref_dir).model
+    x, tgt = mx.array(windows[:, :-1]), windows[:, 1:]
+    with fast_gated_delta():
+        r = RefDist.from_logits(ref(x), tgt)
+        z = cand(x)
+    return kl_per_token(r, z), nll_per_token(z, tgt), -r.logp_target
+
+
+def _tied_quant(root):
+    """A tied-embedding tiny model and its ``mlx_lm.convert -q`` quant (quantized embedding as head)."""
+    from mlx_lm import convert
+
+    from optiq.core.model_io import bundled_model_path
+    from optiq.core.tiny_models import build_model, copy_tokenizer_files, save_model_dir, tiny_config
+
+    cfg = tiny_config(tie_word_embeddings=True)
+    src = save_model_dir(build_model(cfg, seed=3), cfg, root / "tied")
+    copy_tokenizer_files(bundled_model_path(), src)
+    convert(str(src), mlx_path=str(root / "tied-q4"), quantize=True, q_bits=4, q_group_size=64)
+    return root / "tied-q4", src
+
+
+@pytest.mark.parametrize("pair", ["bundled-quant", "tied-q4"])
+def test_streamed_eval_equals_the_whole_model_computation(pair, tmp_path, windows, bundled_model_dir):
+    from optiq.core import eval_stream
+    from optiq.core.evaluate import evaluate_model
+    from optiq.core.model_io import bundled_quant_path, has_bundled_quant
+
+    if pair == "bundled-quant":
+        if not has_bundled_quant():
+            pytest.skip("bundled quant not built")
+        cand, ref = bundled_quant_path(), bundled_model_dir
+    else:
+        cand, ref = _tied_quant(tmp_path)
+    kl, nll, ref_nll = _direct(cand, ref, windows)
+    lines = []
+    # several vocabulary slices and batches, so the online statistics really stream
+    old = eval_stream.TILE_ELEMENTS
+    eval_stream.TILE_ELEMENTS = 256 * 128
+    try:
+        rep = evaluate_model(cand, reference=ref, seq_len=128, max_tokens=768, batch_size=4, log=lines.append)
+    finally:
+        eval_stream.TILE_ELEMENTS = old
+    assert rep.kl.tokens == kl.size == windows.size - len(windows)
+    assert rep.kl.mean_kl == pytest.approx(kl.mean(), rel=1e-4, abs=1e-7)
+    assert rep.kl.mean_kl > 1e-4  # a real quantization error, not a vacuous zero
+    assert rep.kl.max_kl == pytest.approx(kl.max(), rel=1e-3)
+    assert rep.kl.ppl == pytest.approx(np.exp(nll.mean()), rel=1e-5)
+    assert rep.kl.ref_ppl == pytest.approx(np.exp(ref_nll.mean()), rel=1e-5)
+    assert rep.perplexity.ppl == rep.kl.ppl
+    assert np.allclose(rep.kl.per_window, kl.reshape(len(windows), -1).mean(1), rtol=1e-3, atol=1e-6)
+    assert "eval: window 0 of 6 (model block 1 of 8)" in lines[0] and "(reference block 8 of 8)" in lines[15]
+    assert lines[16].startswith("eval: window 4 of 6 (head)") and lines[-1].startswith("eval: window 6 of 6 (head)")
+    # the in-memory path (what --kv-config uses) scores the same way
+    from optiq.core.model_io import load_model
+
+    mem = mean_kl(load_model(cand).model, load_model(ref).model, None, windows, batch_size=4)
+    assert mem.mean_kl == pytest.approx(kl.mean(), rel=1e-4, abs=1e-7)
+    assert mem.ppl == pytest.approx(rep.kl.ppl, rel=1e-5)
+
+
+def test_streamed_perplexity_and_self_kl(lm, windows):
+    from optiq.core.evaluate import evaluate_model
+
+    alone = evaluate_model(lm.path, seq_len=128, max_tokens=768)
+    assert alone.kl is None and alone.perplexity.tokens == windows.size - len(windows)
+    assert alone.perplexity.ppl == pytest.approx(perplexity(lm.model, lm.tokenizer, windows).ppl, rel=1e-5)
+    same = evaluate_model(lm.path, reference=lm.path, seq_len=128, max_tokens=768)
+    assert same.kl.mean_kl == 0.0 and same.kl.ppl == same.kl.ref_ppl
+
+
+def test_sliced_scores_match_the_whole_vocabulary_statistics():
+    from optiq.core.kl import RefDist, SlicedScores, kl_per_token, nll_per_token
+
+    rng = np.random.default_rng(0)
+    r = (3 * rng.standard_normal((50, 1000))).astype(np.float32)
+    z = r + (0.3 * rng.standard_normal(r.shape)).astype(np.float32)
+    z[7, 900:] += 40.0  # a late slice raises the running max: earlier sums get rescaled
+    tgt = rng.integers(0, 1000, 50)
+    sc = SlicedScores(tgt, with_ref=True)
+    for s0 in range(0, 1000, 96):
+        sc.add(s0, z[:, s0 : s0 + 96], r[:, s0 : s0 + 96])
+    ref = RefDist.from_logits(r, tgt)
+    assert np.allclose(sc.kl(), kl_per_token(ref, z), rtol=1e-4, atol=1e-5)
+    assert np.allclose(sc.nll(), nll_per_token(z, tgt), rtol=1e-6, atol=1e-5)
+    assert np.allclose(sc.ref_nll(), -ref.logp_target, rtol=1e-6, atol=1e-5)

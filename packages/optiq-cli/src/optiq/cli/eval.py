@@ -44,7 +44,8 @@ def eval_cmd(model, reference, data, seq_len, max_tokens, kv_config, gsm8k, gsm8
         problems = load_problems(None if gsm8k == "bundled" else gsm8k, limit=gsm8k_limit)
 
     rep = evaluate_model(
-        model, reference=reference, data=data, seq_len=seq_len, max_tokens=max_tokens, make_cache=make_cache
+        model, reference=reference, data=data, seq_len=seq_len, max_tokens=max_tokens, make_cache=make_cache,
+        log=None if as_json else (lambda s: click.echo(s, err=True)),
     )
     out = {
         "model": str(rep.model),
@@ -66,7 +67,9 @@ def eval_cmd(model, reference, data, seq_len, max_tokens, kv_config, gsm8k, gsm8
     if problems is not None:
         from optiq.core.gsm8k import run_gsm8k
 
-        lm = rep.loaded
+        from optiq.core.model_io import load_model
+
+        lm = rep.loaded or load_model(rep.model)  # the streamed eval loads nothing whole
         if kv is not None:  # mlx-lm generation builds its caches with model.make_cache()
             from optiq.core.kv import apply_kv_config
 

@@ -2,8 +2,10 @@
 
 ``perplexity(model, tokenizer, texts)`` and ``mean_kl(model, ref_model, tokenizer, texts)``
 cut the token stream into non-overlapping windows of ``seq_len`` tokens and score every
-next-token prediction in them. Per-token statistics are computed in numpy fp32 (see
-:mod:`optiq.core.kl`).
+next-token prediction in them. The head's logits are made one vocabulary slice at a time
+and folded into per-position statistics (:func:`.eval_stream.score_heads`), so no batch's
+``tokens x vocabulary`` logits ever exist. :func:`evaluate_model` (``optiq eval``) goes
+further: it streams both models from disk block by block (:mod:`.eval_stream`).
 
 Both accept ``make_cache``: a callable ``model -> list of per-layer caches`` (e.g. a
 mixed-precision KV cache). With it, each window is fed through the model in chunks of
@@ -25,9 +27,12 @@ import numpy as np
 
 from .calibration import cut_windows
 from .errors import DataError
-from .kl import RefDist, kl_per_token, nll_per_token
+from .errors import ModelLoadError
+from .eval_stream import logits_match, score_heads
 from .model_io import bundled_model_path
+from .quant.blocks import find_head, head_input_of
 from .quant.gdn import fast_gated_delta
+from .quant.targets import get_module
 
 MakeCache = Callable[[Any], list]
 DEFAULT_SEQ_LEN = 256
@@ -90,22 +95,49 @@ def token_windows(
     return cut_windows(ids[: n * w], n, w, "evaluation text")  # consecutive windows
 
 
-def forward_logits(
+def forward_head_input(
     model: Any,
     x: mx.array,
     make_cache: MakeCache | None = None,
     prefill_chunk: int = 64,
 ) -> mx.array:
-    """Logits for ``x`` [B, T]; through caches from ``make_cache`` in chunks when given."""
+    """What ``model`` feeds its head for ``x`` [B, T] (never the vocabulary-sized logits);
+    through caches from ``make_cache`` in chunks of ``prefill_chunk`` tokens when given."""
+    head = find_head(model)
     if make_cache is None:
-        return model(x)
+        return head_input_of(model, head, x)
     cache = make_cache(model)
     outs = []
     for s in range(0, x.shape[1], prefill_chunk):
-        out = model(x[:, s : s + prefill_chunk], cache=cache)
+        out = head_input_of(model, head, x[:, s : s + prefill_chunk], cache=cache)
         mx.eval(out)
         outs.append(out)
     return mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+
+
+def _check_logits(model: Any, x: mx.array) -> None:
+    """Scoring goes through the head in slices (``xn @ W^T``): refuse models that transform
+    their logits after it. Four tokens: under the CPU path's dequantize threshold."""
+    x = x[:1, :4]
+    head = find_head(model)
+    if not logits_match(head_input_of(model, head, x), get_module(model, head.path), model(x)):
+        raise ModelLoadError(
+            f"{type(model).__name__} transforms its logits after the output head (scaling, soft-capping "
+            "or a bias): optiq eval does not support it"
+        )
+
+
+def _scores(
+    model: Any, x: mx.array, targets: np.ndarray, make_cache: MakeCache | None, prefill_chunk: int,
+    ref_model: Any = None, ref_make_cache: MakeCache | None = None,
+):
+    head = get_module(model, find_head(model).path)
+    xn = forward_head_input(model, x, make_cache, prefill_chunk)
+    ref = None
+    if ref_model is not None:
+        ref = (get_module(ref_model, find_head(ref_model).path),
+               forward_head_input(ref_model, x, ref_make_cache, prefill_chunk))
+    return score_heads(head, xn, targets, ref)
 
 
 @dataclass
@@ -142,16 +174,13 @@ def perplexity(
     """Perplexity of ``model`` on ``texts`` (or pre-cut windows [n, seq_len + 1])."""
     t0 = time.time()
     win = texts if isinstance(texts, np.ndarray) else token_windows(tokenizer, texts, seq_len, max_tokens)
-    total, count = 0.0, 0
+    nll = []
     with fast_gated_delta():
+        _check_logits(model, mx.array(win[:1, :-1]))
         for s in range(0, len(win), batch_size):
             b = win[s : s + batch_size]
-            logits = forward_logits(model, mx.array(b[:, :-1]), make_cache, prefill_chunk)
-            nll = nll_per_token(logits, b[:, 1:])
-            total += float(nll.sum())
-            count += nll.size
-    mean = total / max(count, 1)
-    return PerplexityResult(ppl=float(np.exp(mean)), nll=mean, tokens=count, seconds=time.time() - t0)
+            nll.append(_scores(model, mx.array(b[:, :-1]), b[:, 1:], make_cache, prefill_chunk).nll())
+    return perplexity_result(np.concatenate(nll), time.time() - t0)
 
 
 def mean_kl(
@@ -173,31 +202,36 @@ def mean_kl(
     """
     t0 = time.time()
     win = texts if isinstance(texts, np.ndarray) else token_windows(tokenizer, texts, seq_len, max_tokens)
-    kls, nll_m, nll_r, per_window = [], 0.0, 0.0, []
+    nll, ref_nll, kl = [], [], []
     with fast_gated_delta():
+        _check_logits(model, mx.array(win[:1, :-1]))
+        _check_logits(ref_model, mx.array(win[:1, :-1]))
         for s in range(0, len(win), batch_size):
             b = win[s : s + batch_size]
-            x = mx.array(b[:, :-1])
-            tgt = b[:, 1:]
-            ref_logits = forward_logits(ref_model, x, ref_make_cache, prefill_chunk)
-            ref = RefDist.from_logits(ref_logits, tgt)
-            logits = forward_logits(model, x, make_cache, prefill_chunk)
-            kl = kl_per_token(ref, logits)
-            kls.append(kl)
-            per_window.extend(kl.reshape(len(b), -1).mean(axis=1).tolist())
-            nll_m += float(nll_per_token(logits, tgt).sum())
-            nll_r += float(-ref.logp_target.sum())
-    allkl = np.concatenate(kls)
-    n = allkl.size
+            sc = _scores(model, mx.array(b[:, :-1]), b[:, 1:], make_cache, prefill_chunk, ref_model, ref_make_cache)
+            nll.append(sc.nll())
+            ref_nll.append(sc.ref_nll())
+            kl.append(sc.kl())
+    cat = np.concatenate
+    return kl_result(cat(kl), cat(nll), cat(ref_nll), win.shape[1] - 1, time.time() - t0)
+
+
+def perplexity_result(nll: np.ndarray, seconds: float) -> PerplexityResult:
+    mean = float(nll.mean()) if nll.size else 0.0
+    return PerplexityResult(ppl=float(np.exp(mean)), nll=mean, tokens=int(nll.size), seconds=seconds)
+
+
+def kl_result(kl: np.ndarray, nll: np.ndarray, ref_nll: np.ndarray, seq_len: int, seconds: float) -> KLResult:
+    """The summary of per-token KLs and NLLs (in window order, ``seq_len`` tokens a window)."""
     return KLResult(
-        mean_kl=float(allkl.mean()),
-        tokens=n,
-        ppl=float(np.exp(nll_m / n)),
-        ref_ppl=float(np.exp(nll_r / n)),
-        p95_kl=float(np.percentile(allkl, 95)),
-        max_kl=float(allkl.max()),
-        seconds=time.time() - t0,
-        per_window=per_window,
+        mean_kl=float(kl.mean()),
+        tokens=int(kl.size),
+        ppl=float(np.exp(nll.mean())),
+        ref_ppl=float(np.exp(ref_nll.mean())),
+        p95_kl=float(np.percentile(kl, 95)),
+        max_kl=float(kl.max()),
+        seconds=seconds,
+        per_window=kl.reshape(-1, seq_len).mean(axis=1).tolist(),
     )
 
 
@@ -221,38 +255,61 @@ def evaluate_model(
     data: str | Path | None = None,
     seq_len: int = DEFAULT_SEQ_LEN,
     max_tokens: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     make_cache: MakeCache | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """What ``optiq eval`` computes: perplexity, and KL/perplexities against ``reference``.
 
-    With ``make_cache`` (e.g. a mixed-precision KV cache) and no ``reference``, the
-    reference is the same model with its stock full-precision caches, so the KL is the
-    cache's own damage.
+    Without ``make_cache`` both models are streamed (:mod:`.eval_stream`: one decoder
+    block and one vocabulary slice at a time; ``batch_size`` windows per pass, default
+    about 4,096 tokens), so memory stays near the models' stored size. With ``make_cache``
+    (e.g. a mixed-precision KV cache) the models are loaded whole and run through their
+    caches, logits still scored slice by slice; without a ``reference`` the reference is
+    the same model with its stock full-precision caches, so the KL is the cache's own damage.
+    ``log`` gets progress lines (``eval: window 16 of 30 (...)``).
     """
-    from .model_io import load_model, text_config
+    from .model_io import load_model
 
+    t0 = time.time()
     texts = load_texts(data)
-    lm = load_model(model_path)
-    report = EvalReport(
-        model=lm.path,
-        data=str(Path(data).expanduser()) if data else str(default_eval_text()),
-        seq_len=seq_len,
-        loaded=lm,
-    )
-    win = token_windows(lm.tokenizer, texts, seq_len, max_tokens)
-    if reference is None and make_cache is None:
-        report.perplexity = perplexity(lm.model, lm.tokenizer, win, batch_size=batch_size)
+    data_name = str(Path(data).expanduser()) if data else str(default_eval_text())
+    if make_cache is None:
+        from .eval_stream import open_blocks, streamed_scores
+
+        bm, lm = open_blocks(model_path)
+        report = EvalReport(model=lm.path, data=data_name, seq_len=seq_len)
+        win = token_windows(lm.tokenizer, texts, seq_len, max_tokens)
+        ref_bm = None
+        if reference is not None:
+            ref_bm, ref = open_blocks(reference)
+            _same_vocab(ref, lm)
+            report.reference = ref.path
+        with fast_gated_delta():
+            nll, ref_nll, kl = streamed_scores(bm, win, ref_bm, batch_size=batch_size, log=log)
+        if kl is not None:
+            report.kl = kl_result(kl, nll, ref_nll, seq_len, time.time() - t0)
+        report.perplexity = perplexity_result(nll, time.time() - t0)
         return report
+
+    lm = load_model(model_path)
+    report = EvalReport(model=lm.path, data=data_name, seq_len=seq_len, loaded=lm)
+    win = token_windows(lm.tokenizer, texts, seq_len, max_tokens)
     if reference is None:
         ref, report.reference_cache = lm, "full-precision KV"
     else:
         ref = load_model(reference)
-        if text_config(ref.config).get("vocab_size") != text_config(lm.config).get("vocab_size"):
-            raise DataError(f"{reference} and {lm.path} have different vocabularies: KL needs the same tokenizer")
+        _same_vocab(ref, lm)
     report.reference = ref.path
-    report.kl = mean_kl(lm.model, ref.model, lm.tokenizer, win, batch_size=batch_size, make_cache=make_cache)
+    report.kl = mean_kl(lm.model, ref.model, lm.tokenizer, win, batch_size=batch_size or 8, make_cache=make_cache)
     report.perplexity = PerplexityResult(
         ppl=report.kl.ppl, nll=float(np.log(report.kl.ppl)), tokens=report.kl.tokens, seconds=report.kl.seconds
     )
     return report
+
+
+def _same_vocab(ref: Any, lm: Any) -> None:
+    from .model_io import text_config
+
+    if text_config(ref.config).get("vocab_size") != text_config(lm.config).get("vocab_size"):
+        raise DataError(f"{ref.path} and {lm.path} have different vocabularies: KL needs the same tokenizer")

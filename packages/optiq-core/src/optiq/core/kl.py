@@ -64,3 +64,62 @@ def nll_per_token(logits: mx.array | np.ndarray, targets: np.ndarray) -> np.ndar
     z = z.reshape(-1, z.shape[-1])
     t = targets.reshape(-1)
     return logsumexp(z) - z[np.arange(len(z)), t].astype(np.float64)
+
+
+class _RunningLse:
+    """``logsumexp`` of each position's logits and its target's logit, over vocabulary slices."""
+
+    def __init__(self, n: int):
+        self.m = np.full(n, -np.inf)
+        self.s = np.zeros(n)
+        self.target = np.zeros(n)
+
+    def add(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fold in a slice ``z`` [N, S]; returns its ``exp(z - max)`` and the old sums' rescale."""
+        m_new = np.maximum(self.m, z.max(axis=1))
+        rescale = np.exp(self.m - m_new)
+        e = np.exp(z - m_new[:, None].astype(np.float32))
+        self.s = self.s * rescale + e.sum(axis=1)
+        self.m = m_new
+        return e, rescale
+
+    @property
+    def lse(self) -> np.ndarray:
+        return self.m + np.log(self.s)
+
+
+class SlicedScores:
+    """Per-position NLL of a model (and ``KL(ref || model)`` with a reference) from logits
+    given one vocabulary slice at a time: never a positions x vocabulary tensor.
+
+    The reference enters through a running ``sum_v exp(r_v - m)(r_v - z_v)``, rescaled as
+    the running max ``m`` grows, so ``KL = that / sum exp(r - m) + lse(z) - lse(r)``
+    (the module's identity; identical logits still give exactly zero).
+    """
+
+    def __init__(self, targets: np.ndarray, with_ref: bool):
+        self.targets = np.asarray(targets).reshape(-1)
+        n = self.targets.size
+        self.z = _RunningLse(n)
+        self.r = _RunningLse(n) if with_ref else None
+        self.a = np.zeros(n)
+
+    def add(self, s0: int, z: np.ndarray, r: np.ndarray | None = None) -> None:
+        """Logits of vocabulary entries ``s0 : s0 + z.shape[1]`` (model ``z``, reference ``r``)."""
+        inside = np.nonzero((self.targets >= s0) & (self.targets < s0 + z.shape[1]))[0]
+        cols = self.targets[inside] - s0
+        self.z.target[inside] = z[inside, cols]
+        self.z.add(z)
+        if self.r is not None:
+            self.r.target[inside] = r[inside, cols]
+            e, rescale = self.r.add(r)
+            self.a = self.a * rescale + np.einsum("ij,ij->i", e, r - z)
+
+    def nll(self) -> np.ndarray:
+        return self.z.lse - self.z.target
+
+    def ref_nll(self) -> np.ndarray:
+        return self.r.lse - self.r.target
+
+    def kl(self) -> np.ndarray:
+        return np.maximum(self.a / self.r.s + (self.z.lse - self.r.lse), 0.0)

@@ -63,6 +63,62 @@ class Head:
         return f"{self.path}.weight"
 
 
+def _outside_leaves(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
+    inside = {id(m) for layer in decoder_layers(model) for _, m in layer.named_modules()}
+    return [p for p, m in model.named_modules() if id(m) not in inside and isinstance(m, kinds)]
+
+
+def find_head(model: nn.Module) -> Head:
+    """The head of any loaded model, float or quantized: an ``lm_head`` outside the decoder
+    blocks, else the (tied) input embedding."""
+    lm = [p for p in _outside_leaves(model, (nn.Linear, nn.QuantizedLinear)) if p.split(".")[-1] == "lm_head"]
+    if lm:
+        return Head(lm[0], tied=False)
+    emb = _outside_leaves(model, (nn.Embedding, nn.QuantizedEmbedding))
+    if not emb:
+        raise ModelLoadError("could not find the model's output head (no lm_head, no embedding)")
+    return Head(emb[0], tied=True)
+
+
+def head_rows(module: nn.Module, s0: int, s1: int) -> mx.array:
+    """Rows ``s0:s1`` of a head's weight in fp32, dequantized if it is quantized (groups run
+    along a row, so a slice of rows dequantizes on its own)."""
+    w = module["weight"][s0:s1]
+    if "scales" not in module:
+        return w.astype(mx.float32)
+    biases = module["biases"][s0:s1] if "biases" in module else None
+    kw = {"mode": module.mode} if hasattr(module, "mode") else {}
+    return mx.dequantize(w, module["scales"][s0:s1].astype(mx.float32),
+                         None if biases is None else biases.astype(mx.float32),
+                         group_size=module.group_size, bits=module.bits, **kw)
+
+
+@contextlib.contextmanager
+def stop_at_head(head: nn.Module, tied: bool) -> Iterator[None]:
+    """Calls of the model raise :class:`_Stop` with the head's input (the final-normed hidden
+    state) instead of computing the vocabulary-sized logits."""
+
+    def stop(self_, x, *a, **kw):
+        raise _Stop(x)
+
+    cls = type(head)
+    head.__class__ = type(f"HeadIn{cls.__name__}", (cls,), {"as_linear" if tied else "__call__": stop})
+    try:
+        yield
+    finally:
+        head.__class__ = cls
+
+
+def head_input_of(model: nn.Module, head: Head, tokens: mx.array, **kwargs: Any) -> mx.array:
+    """What ``model(tokens, **kwargs)`` feeds its head (caches given in ``kwargs`` advance)."""
+    with stop_at_head(get_module(model, head.path), head.tied):
+        try:
+            model(tokens, **kwargs)
+        except _Stop as s:
+            return s.value
+    raise ModelLoadError(f"{type(model).__name__}: the forward pass never reached its output head")
+
+
 class BlockModel:
     """A lazily loaded model whose blocks are materialized one at a time (see module doc)."""
 
@@ -90,6 +146,17 @@ class BlockModel:
             k for k, _ in tree_flatten(model.parameters()) if not k.startswith(prefixes) and k not in big
         ]
 
+    @classmethod
+    def of(cls, path: Path, model: nn.Module) -> "BlockModel":
+        """For running a model as it is (float or already quantized: evaluation), not for
+        quantizing it: only its embedding and head are located (:func:`find_head`)."""
+        head = find_head(model)
+        emb = _outside_leaves(model, (nn.Embedding, nn.QuantizedEmbedding))
+        targets = [Target(head.path, "embedding" if head.tied else "linear", head.path.split(".")[-1], None, ())]
+        if emb and emb[0] != head.path:
+            targets.append(Target(emb[0], "embedding", "embed_tokens", None, ()))
+        return cls(path, model, targets)
+
     def _find_head(self, targets: list[Target]) -> Head:
         lm = [t for t in targets if t.layer is None and t.kind == "linear" and t.path.split(".")[-1] == "lm_head"]
         if lm:
@@ -101,13 +168,16 @@ class BlockModel:
     # ------------------------------------------------------------------ weights
     @contextlib.contextmanager
     def materialized(self, names: list[str], dtype: mx.Dtype | None = mx.float32) -> Iterator[None]:
-        """Parameters ``names`` read into the model (cast to ``dtype``; None: as stored),
-        the untouched lazy arrays put back on exit (so nothing read stays resident)."""
+        """Parameters ``names`` read into the model (floating ones cast to ``dtype``; None: as
+        stored; packed quantized weights always as stored), the untouched lazy arrays put
+        back on exit (so nothing read stays resident)."""
         fresh = self.source.fresh()
         missing = [n for n in names if n not in fresh]
         if missing:
             raise ModelLoadError(f"weights missing from the checkpoint: {', '.join(missing[:5])}")
-        arrays = [(n, fresh[n].astype(dtype) if dtype is not None else fresh[n]) for n in names]
+        cast = dtype is not None
+        arrays = [(n, fresh[n].astype(dtype) if cast and mx.issubdtype(fresh[n].dtype, mx.floating) else fresh[n])
+                  for n in names]
         del fresh
         mx.eval([a for _, a in arrays])
         params = dict(tree_flatten(self.model.parameters()))
@@ -155,26 +225,8 @@ class BlockModel:
 
     def head_input(self, tokens: mx.array, h: mx.array) -> mx.array:
         """The head's input (final norm of the last block's output ``h``), differentiable in ``h``."""
-        head = get_module(self.model, self.head.path)
-
-        cls = type(head)
-        attrs: dict[str, Any] = {}
-        if self.head.tied:
-            def as_linear(self_, x):
-                raise _Stop(x)
-
-            attrs["as_linear"] = as_linear
-        else:
-            def __call__(self_, x, *a, **kw):
-                raise _Stop(x)
-
-            attrs["__call__"] = __call__
-        head.__class__ = type(f"HeadIn{cls.__name__}", (cls,), attrs)
-        try:
-            with replay_layers(self.layers, [h] * len(self.layers)):
-                return self._run(tokens, None)
-        finally:
-            head.__class__ = cls
+        with replay_layers(self.layers, [h] * len(self.layers)):
+            return head_input_of(self.model, self.head, tokens)
 
     def logits_from(self, tokens: mx.array, h: mx.array) -> mx.array:
         """The model's own logits from the last block's output ``h`` (head must be materialized)."""
@@ -190,23 +242,43 @@ class BlockModel:
         raise ModelLoadError(f"{type(self.model).__name__}: the forward pass never reached the expected layer")
 
 
-def check_head(bm: BlockModel, tokens: mx.array, h_last: mx.array) -> None:
-    """The streamed head computes ``logits = head_input @ W^T``: check the model does too.
+# Vocabulary rows :func:`check_head` compares (the head's own forward over the whole
+# vocabulary would cast or dequantize the whole table).
+CHECK_ROWS = 4096
+
+
+@contextlib.contextmanager
+def _first_rows(module: nn.Module, rows: int) -> Iterator[None]:
+    params = tree_flatten(module.parameters())
+    module.update(tree_unflatten([(k, v[:rows]) for k, v in params]))
+    try:
+        yield
+    finally:
+        module.update(tree_unflatten(params))
+
+
+def check_head(bm: BlockModel, tokens: mx.array, h_last: mx.array, what: str = "the streamed sensitivity pass",
+               fix: str = " (use --method static)") -> None:
+    """The streamed head computes ``logits = head_input @ W^T``: check the model does too
+    (on the first :data:`CHECK_ROWS` vocabulary rows).
 
     Models that scale or soft-cap logits after the head would be measured wrongly, so
     they get a clear error instead.
     """
     tokens, h_last = tokens[:1, :8], h_last[:1, :8]
     with bm.materialized([bm.head.weight_name], dtype=None), bm.rest():
+        head = get_module(bm.model, bm.head.path)
         xn = bm.head_input(tokens, h_last)
-        w = get_module(bm.model, bm.head.path)["weight"].astype(mx.float32)
-        ours = (xn.reshape(-1, xn.shape[-1]) @ w.T).reshape(-1)
-        theirs = bm.logits_from(tokens, h_last).astype(mx.float32).reshape(-1)
-        ok = bool(mx.allclose(ours, theirs, rtol=1e-4, atol=1e-4).item())
+        with _first_rows(head, CHECK_ROWS):
+            w = head_rows(head, 0, CHECK_ROWS)
+            ours = (xn.reshape(-1, xn.shape[-1]) @ w.T).reshape(-1)
+            # token ids only reach the (replayed-over) embedding: kept inside the cut table
+            theirs = bm.logits_from(mx.minimum(tokens, CHECK_ROWS - 1), h_last).astype(mx.float32).reshape(-1)
+            ok = ours.shape == theirs.shape and bool(mx.allclose(ours, theirs, rtol=1e-4, atol=1e-4).item())
     if not ok:
         raise ModelLoadError(
-            f"{type(bm.model).__name__} transforms its logits after the output head (scaling or soft-capping): "
-            "the streamed sensitivity pass does not support it (use --method static)"
+            f"{type(bm.model).__name__} transforms its logits after the output head (scaling, soft-capping "
+            f"or a bias): {what} does not support it{fix}"
         )
 
 

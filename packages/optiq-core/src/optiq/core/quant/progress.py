@@ -24,12 +24,13 @@ class Progress:
         self.done = 0
         self.t0 = time.time()
 
-    def step(self, what: str = "") -> None:
-        self.done += 1
+    def step(self, what: str = "", n: float = 1) -> None:
+        """``n`` more units done (a batch of windows is several; a block of it a fraction)."""
+        self.done += n
         elapsed = time.time() - self.t0
         remaining = elapsed / self.done * (self.total - self.done)
         extra = f" {what}" if what else ""
         self.log(
-            f"{self.stage}: {self.unit} {self.done} of {self.total}{extra} "
+            f"{self.stage}: {self.unit} {int(self.done + 1e-6)} of {self.total}{extra} "
             f"({_clock(elapsed)} elapsed, ~{_clock(remaining)} left)"
         )
