@@ -148,14 +148,32 @@ def group_params(
     """Best (scale, bias) per group for groups ``wg`` [R, G, g] under column weights ``d``.
 
     ``maxq`` is [R] (per-row code range), ``d`` broadcasts to [R, G, g] (None: equal).
-    Returns scales and biases [R, G], already rounded to ``dtype``. Runs in MLX with
-    fused passes (numpy took minutes per billion weights); a group's sums run over its
-    ``g`` weights in fp32 (codes and their squares are exact integers there), the 2x2
-    least-squares solve in fp64.
+    Returns scales and biases [R, G], already rounded to ``dtype`` (see :func:`clip_search`).
     """
     w = mx.array(np.asarray(wg, dtype=np.float32))
     mq = mx.array(np.asarray(maxq, dtype=np.float32))[:, None, None]
     dw = None if d is None else mx.broadcast_to(mx.array(np.asarray(d, dtype=np.float32)), w.shape)
+    _, s, b = clip_search(w, mq, dw, dtype, grid, ls_iters)
+    return np.array(s[..., 0]), np.array(b[..., 0])
+
+
+def clip_search(
+    w: mx.array,
+    mq: mx.array,
+    dw: mx.array | None,
+    dtype: mx.Dtype,
+    grid: tuple[float, ...] = CLIP_GRID,
+    ls_iters: int = LS_ITERS,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """The ``clip`` search on fp32 groups ``w`` [R, G, g] with code ranges ``mq`` [R, 1, 1]
+    and column weights ``dw`` (None: equal): (error, scale, bias), each [R, G, 1].
+
+    The error is each group's (weighted) squared rounding error at the returned scale and
+    bias, i.e. of the codes :func:`quantize_clip` writes. Runs in MLX with fused passes
+    (numpy took minutes per billion weights); a group's sums run over its ``g`` weights
+    in fp32 (codes and their squares are exact integers there), the 2x2 least-squares
+    solve in fp64.
+    """
     lo_mm, hi_mm = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
     best: list[mx.array] = []
 
@@ -184,7 +202,32 @@ def group_params(
         s = mx.where(ok, (sd * sqw - sq * sw) / mx.where(ok, den, 1.0), best[1])
         b = mx.where(ok, (sw - s * sq) / mx.maximum(sd, 1e-20), best[2])
         consider(s.astype(mx.float32), b.astype(mx.float32))
-    return np.array(best[1][..., 0]), np.array(best[2][..., 0])
+    return best[0], best[1], best[2]
+
+
+def clip_errors(
+    w: mx.array, bits_list: tuple[int, ...], group_size: int, dtype: mx.Dtype,
+) -> tuple[dict[int, float], float]:
+    """Squared error of unweighted ``clip`` rounding of ``w`` [rows, n] at each width, and
+    ``||w||^2``: what :func:`quantize_weight` (``clip``, no Hessian) would lose, without
+    forming codes. Chunk by chunk along the rows (see ``source.chunks_along_first_axis``)."""
+    from .source import chunks_along_first_axis
+
+    rows, n = w.shape
+    G = n // group_size
+    err = dict.fromkeys(bits_list, 0.0)
+    norm = 0.0
+    for sl in chunks_along_first_axis(tuple(w.shape), len(bits_list)):
+        wc = w[sl].astype(mx.float32).reshape(-1, G, group_size)
+        norm += float((wc * wc).sum(-1).astype(mx.float64).sum())
+        R = wc.shape[0]
+        stacked = mx.concatenate([wc] * len(bits_list)) if len(bits_list) > 1 else wc
+        mq = mx.array(np.repeat(_maxq(np.asarray(bits_list), len(bits_list)), R))[:, None, None]
+        e, _, _ = clip_search(stacked, mq, None, dtype)
+        per = e.reshape(len(bits_list), -1).astype(mx.float64).sum(-1)
+        for b, v in zip(bits_list, np.array(per).tolist()):
+            err[b] += v
+    return err, norm
 
 
 def quantize_clip(
