@@ -137,6 +137,13 @@ def _ls_sums(w: mx.array, d: mx.array, s: mx.array, b: mx.array, mq: mx.array) -
     return dq.sum(-1, keepdims=True), (dq * q).sum(-1, keepdims=True), (dq * w).sum(-1, keepdims=True)
 
 
+@mx.compile
+def _ls_sums_unweighted(w: mx.array, s: mx.array, b: mx.array, mq: mx.array) -> tuple[mx.array, ...]:
+    """:func:`_ls_sums` with equal weights (the same values, without multiplying by ones)."""
+    q = _codes_mx(w, s, b, mq)
+    return q.sum(-1, keepdims=True), (q * q).sum(-1, keepdims=True), (q * w).sum(-1, keepdims=True)
+
+
 def group_params(
     wg: np.ndarray,
     maxq: np.ndarray,
@@ -192,11 +199,15 @@ def clip_search(
         lo, hi = lo_mm * a, hi_mm * a
         consider(mx.maximum(hi - lo, 1e-12) / mq, lo)
     # least-squares refinement of (scale, bias) given the codes
-    ones = mx.ones_like(w) if dw is None else dw
-    sd = ones.sum(-1, keepdims=True).astype(mx.float64)
-    sw = (ones * w).sum(-1, keepdims=True).astype(mx.float64)
+    if dw is None:
+        sd = mx.full(lo_mm.shape, float(w.shape[-1]), mx.float64)
+        sw = w.sum(-1, keepdims=True).astype(mx.float64)
+    else:
+        sd = dw.sum(-1, keepdims=True).astype(mx.float64)
+        sw = (dw * w).sum(-1, keepdims=True).astype(mx.float64)
     for _ in range(ls_iters):
-        sq, sqq, sqw = (x.astype(mx.float64) for x in _ls_sums(w, ones, best[1], best[2], mq))
+        sums = _ls_sums_unweighted(w, best[1], best[2], mq) if dw is None else _ls_sums(w, dw, best[1], best[2], mq)
+        sq, sqq, sqw = (x.astype(mx.float64) for x in sums)
         den = sd * sqq - sq * sq
         ok = mx.abs(den) > 1e-20
         s = mx.where(ok, (sd * sqw - sq * sw) / mx.where(ok, den, 1.0), best[1])
@@ -231,7 +242,7 @@ def clip_errors(
 
 
 def quantize_clip(
-    w: np.ndarray,
+    w: np.ndarray | mx.array,
     bits: int | np.ndarray,
     group_size: int,
     dtype: mx.Dtype,
@@ -240,12 +251,12 @@ def quantize_clip(
     """Range search + least squares per group. ``w`` [R, n]; ``d`` [n] column weights."""
     R, n = w.shape
     G = n // group_size
-    wg = np.asarray(w, dtype=np.float32).reshape(R, G, group_size)
-    maxq = _maxq(bits, R)
-    dg = None if d is None else d.reshape(1, G, group_size).astype(np.float32)
-    s, b = group_params(wg, maxq, dg, dtype)
-    codes = _codes_mx(mx.array(wg), mx.array(s)[..., None], mx.array(b)[..., None], mx.array(maxq)[:, None, None])
-    return np.array(codes.astype(mx.uint8)).reshape(R, n), s, b
+    wg = (w if isinstance(w, mx.array) else mx.array(np.asarray(w))).astype(mx.float32).reshape(R, G, group_size)
+    mq = mx.array(_maxq(bits, R))[:, None, None]
+    dw = None if d is None else mx.broadcast_to(mx.array(d.reshape(1, G, group_size).astype(np.float32)), wg.shape)
+    _, s, b = clip_search(wg, mq, dw, dtype)
+    codes = _codes_mx(wg, s, b, mq).astype(mx.uint8)
+    return np.array(codes).reshape(R, n), np.array(s[..., 0]), np.array(b[..., 0])
 
 
 def _gptq_inverse(h: np.ndarray, damp: float) -> np.ndarray:
