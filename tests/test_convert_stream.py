@@ -124,6 +124,25 @@ def test_streamed_write_equals_whole_model_rounding(which, tmp_path, bundled_mod
     load(str(out))  # the planned shards load with stock mlx-lm
 
 
+@pytest.mark.parametrize("check_vocab", [100, 1 << 20])  # a slice of the table, and all of it
+def test_head_check_refuses_logits_transformed_after_the_head(monkeypatch, tied_dir, check_vocab):
+    """The head check passes the model's own head and refuses one that scales its logits."""
+    from optiq.core.errors import ModelLoadError
+    from optiq.core.quant import blocks
+    from optiq.core.quant.streamed_fisher import forward_states
+
+    monkeypatch.setattr(blocks, "CHECK_VOCAB", check_vocab)
+    bm, _ = _lazy(tied_dir)
+    tokens = mx.array(_tokens(tied_dir, 1, 16))
+    h = forward_states(bm, [tokens], False, None).get(len(bm.layers), 0)
+    blocks.check_head(bm, tokens, h)
+    cls = type(bm.model)
+    call = cls.__call__
+    monkeypatch.setattr(cls, "__call__", lambda self, *a, **kw: call(self, *a, **kw) * 1.01)
+    with pytest.raises(ModelLoadError, match="transforms its logits"):
+        blocks.check_head(bm, tokens, h)
+
+
 def test_memory_plan_error_is_one_line(capsys, tmp_path, bundled_model_dir):
     from optiq.cli.main import main
 
