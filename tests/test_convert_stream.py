@@ -124,6 +124,46 @@ def test_streamed_write_equals_whole_model_rounding(which, tmp_path, bundled_mod
     load(str(out))  # the planned shards load with stock mlx-lm
 
 
+@pytest.mark.parametrize("check_vocab", [100, 1 << 20])  # a slice of the table, and all of it
+def test_head_check_refuses_logits_transformed_after_the_head(monkeypatch, tied_dir, check_vocab):
+    """The head check passes the model's own head and refuses one that scales its logits."""
+    from optiq.core.errors import ModelLoadError
+    from optiq.core.quant import blocks
+    from optiq.core.quant.streamed_fisher import forward_states
+
+    monkeypatch.setattr(blocks, "CHECK_ROWS", check_vocab)
+    bm, _ = _lazy(tied_dir)
+    tokens = mx.array(_tokens(tied_dir, 1, 16))
+    h = forward_states(bm, [tokens], False, None).get(len(bm.layers), 0)
+    blocks.check_head(bm, tokens, h)
+    cls = type(bm.model)
+    call = cls.__call__
+    monkeypatch.setattr(cls, "__call__", lambda self, *a, **kw: call(self, *a, **kw) * 1.01)
+    with pytest.raises(ModelLoadError, match="transforms its logits"):
+        blocks.check_head(bm, tokens, h)
+
+
+def test_memory_plan_covers_the_mlx_peak_of_a_convert(tmp_path):
+    """The plan's model-dependent parts (all but the runtime) cover the MLX memory a
+    default convert allocates at its peak (numpy's share -- GPTQ's inverses, fp64
+    Hessians, block inputs -- comes on top in RSS and is planned too)."""
+    from optiq.core.quant.convert import convert
+    from optiq.core.quant.plan import BASE_BYTES
+
+    wide = dict(hidden_size=512, intermediate_size=1536, num_attention_heads=4, num_key_value_heads=2,
+                linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
+                num_hidden_layers=4)
+    model = _tied_model(tmp_path / "wide", **wide)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    r = convert(model, tmp_path / "q", target_bpw=4.5, n_calibration=2, seq_len=64, head_tile_mb=16,
+                plot=False, resume=False)
+    peak = mx.get_peak_memory() - before
+    planned = r.memory_plan_bytes - BASE_BYTES
+    assert peak <= planned, f"MLX peak {peak / 2**20:.0f} MiB over the plan's {planned / 2**20:.0f} MiB"
+
+
 def test_memory_plan_error_is_one_line(capsys, tmp_path, bundled_model_dir):
     from optiq.cli.main import main
 

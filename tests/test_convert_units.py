@@ -316,18 +316,24 @@ def test_weight_source_matches_the_loaded_model():
     np.testing.assert_array_equal(np.asarray(fresh[name].astype(mx.float32)), np.asarray(params[name].astype(mx.float32)))
 
 
-def test_static_prior_rows_sample_whole_rows_evenly():
-    """Large leaves' priors are measured on evenly spaced whole rows; small ones whole."""
+def test_static_prior_sample_spreads_whole_groups_over_rows_and_columns():
+    """Large leaves' priors are measured on whole groups from evenly spaced rows, every
+    column group equally often, none twice; small leaves are measured whole."""
     import mlx.core as mx
 
-    from optiq.core.quant.static import sampled_rows
+    from optiq.core.quant.static import sampled_groups
 
-    w = mx.arange(40 * 64, dtype=mx.float32).reshape(40, 64)
-    np.testing.assert_array_equal(sampled_rows(w, limit=40 * 64), np.asarray(w))
-    s = sampled_rows(w, limit=10 * 64)
-    assert s.shape == (10, 64)
-    firsts = s[:, 0] // 64
-    assert firsts[0] == 0 and firsts[-1] == 39 and np.all(np.diff(firsts) > 0)
-    np.testing.assert_array_equal(s, np.asarray(w)[firsts.astype(int)])  # whole rows, unchanged
+    w = mx.arange(40 * 256, dtype=mx.float32).reshape(40, 256)  # 4 groups of 64 per row
+    np.testing.assert_array_equal(sampled_groups(w, 64, limit=40 * 256), np.asarray(w))
+    for k in (10, 80):  # fewer groups than rows, and more (two per row)
+        s = np.asarray(sampled_groups(w, 64, limit=k * 64))
+        assert s.shape == (k, 64)
+        start = s[:, 0].astype(int)
+        row, col = start // 256, (start % 256) // 64
+        assert np.all(start % 64 == 0)  # whole groups, unchanged
+        np.testing.assert_array_equal(s, np.asarray(w).reshape(-1, 64)[start // 64])
+        assert row[0] == 0 and row[-1] >= 40 - -(-40 // k) and np.all(np.diff(row) >= 0)  # evenly spaced
+        assert len(set(zip(row, col))) == k
+        assert np.bincount(col, minlength=4).min() >= k // 4 - 1
     pool = mx.arange(4 * 8 * 64, dtype=mx.float32).reshape(4, 8, 64)  # expert pools: rows of all experts
-    assert sampled_rows(pool, limit=8 * 64).shape == (8, 64)
+    assert sampled_groups(pool, 64, limit=8 * 64).shape == (8, 64)

@@ -263,7 +263,9 @@ def check_head(bm: BlockModel, tokens: mx.array, h_last: mx.array, what: str = "
     (on the first :data:`CHECK_ROWS` vocabulary rows).
 
     Models that scale or soft-cap logits after the head would be measured wrongly, so
-    they get a clear error instead.
+    they get a clear error instead. The check runs the model's own head on the first
+    :data:`CHECK_ROWS` rows of its table in fp32 (the rest of the model is replayed, so the
+    tokens only need to be valid rows), never on a vocabulary-sized fp32 copy.
     """
     tokens, h_last = tokens[:1, :8], h_last[:1, :8]
     with bm.materialized([bm.head.weight_name], dtype=None), bm.rest():

@@ -30,7 +30,12 @@ def dtype_name(dtype: mx.Dtype) -> str:
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack integer codes [..., n] into MLX's uint32 layout (LSB-first bit stream)."""
+    """Pack integer codes [..., n] into MLX's uint32 layout (LSB-first bit stream).
+
+    ``k`` consecutive codes fill whole bytes (``k * bits`` is a multiple of 8): they are
+    summed into one little-endian uint64 at their bit offsets, whose low bytes are then
+    exactly the stream's bytes -- a few vectorized passes instead of one per bit.
+    """
     *lead, n = codes.shape
     if (n * bits) % 32:
         raise ValueError(f"{n} codes of {bits} bits do not fill whole uint32 words")
@@ -38,9 +43,14 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         words = flat.view("<u4")
     else:
-        # each code's bits, least significant first, as one bit stream per row
-        stream = np.unpackbits(flat[..., None], axis=-1, count=bits, bitorder="little")
-        words = np.packbits(stream.reshape(flat.shape[0], n * bits), axis=-1, bitorder="little").view("<u4")
+        k = 8 // np.gcd(bits, 8)  # codes per whole-byte run
+        runs = flat.reshape(flat.shape[0], n // k, k)
+        acc = runs[..., 0].astype("<u8")
+        for i in range(1, k):
+            acc |= runs[..., i].astype("<u8") << np.uint64(bits * i)
+        nbytes = k * bits // 8
+        stream = acc.view(np.uint8).reshape(*acc.shape, 8)[..., :nbytes]
+        words = np.ascontiguousarray(stream).reshape(flat.shape[0], -1).view("<u4")
     return words.astype(np.uint32).reshape(*lead, n * bits // 32)
 
 

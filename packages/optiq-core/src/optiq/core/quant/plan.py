@@ -27,6 +27,8 @@ GB = 1 << 30
 BASE_BYTES = 600 << 20
 # Block inputs are written to disk when they would take more than this share of the limit.
 SPILL_SHARE = 0.25
+# [n, n] fp64 arrays alive at once while GPTQ inverts a Hessian (rounding._gptq_inverse).
+GPTQ_INVERSE_COPIES = 7
 
 
 def available_bytes() -> int:
@@ -80,6 +82,11 @@ def plan_memory(bm: BlockModel, active: list[Target], opts: ConvertOptions, n_to
     hess = max(
         (sum(t.shape[-1] ** 2 for t in leaves if t.layer == k) for k in range(L)), default=0,
     ) * 8 * 2
+    # GPTQ's inverse of the largest input Hessian: fp64 copies of H, H + damping, its
+    # Cholesky factor, that factor's inverse, H^-1 and H^-1's factor, plus the identity
+    # the damping adds (measured at the 0.8B shape's down_proj, 3584 inputs: 0.72 GB)
+    n_in = max((t.shape[-1] for t in leaves), default=0)
+    inverse = GPTQ_INVERSE_COPIES * n_in**2 * 8 if opts.rounding == "gptq" else 0
     head_table = V * H * s
     chunk = CHUNK_ELEMENTS * 4 * 8
     parts: dict[str, int] = {"runtime": BASE_BYTES}
@@ -96,8 +103,10 @@ def plan_memory(bm: BlockModel, active: list[Target], opts: ConvertOptions, n_to
         stage = {
             "head": head_table + tile + n_tokens * H * 4 * (2 + 2 * opts.n_probes),
             "block": P * 4 + P * n * 2 + 3 * act + n_tokens * H * 4 * 2 * opts.n_probes,
-            "rounding": P * 4 + hess + big_leaf * 4 * 4,
-            "head rounding": head_table + chunk,
+            # the block in fp32, its Hessians, then the larger of the Hessian replay (the
+            # block's forward over one batch, as in the block stage) and GPTQ's temporaries
+            "rounding": P * 4 + hess + max(2 * act, inverse + big_leaf * 4 * 4),
+            "head rounding": head_table + chunk + (GPTQ_INVERSE_COPIES * H**2 * 8 if opts.rounding == "gptq" else 0),
         }
         worst = max(stage, key=stage.get)
         parts[f"{worst} stage"] = stage[worst]

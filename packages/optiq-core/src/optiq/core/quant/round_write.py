@@ -130,8 +130,12 @@ def round_and_write(
     prog = Progress("write", L, log)
     for k in range(L):
         targets = [t for t in active if t.layer == k]
+        # MLX keeps freed buffers cached: returned here, they do not sit resident under
+        # the numpy temporaries (GPTQ's inverses) of the rounding that follows
+        mx.clear_cache()
         with bm.block(k):
             ref = _block_reference(bm, k, targets, states, batches) if use_h and targets else None
+            mx.clear_cache()
             chosen = quantize_targets(bm.model, targets, {t.path: (bits[t.path],) for t in targets}, out_dtype, rounding, ref)
             for p, qs in chosen.items():
                 _write_quantized(writer, p, qs[bits[p]])
@@ -143,6 +147,7 @@ def round_and_write(
                 if not (leaf == "weight" and mod in quant):
                     writer.write(full, arr.astype(dtypes[full]))
         prog.step()
+    mx.clear_cache()
     head_h = _head_hessian(bm, states, batches) if use_h else None
     big = [(bm.embedding.path, head_h if bm.head.tied else None)] if bm.embedding is not None else []
     if not bm.head.tied:

@@ -235,6 +235,7 @@ def head_stage(
                     mx.eval(g_xn[b, p])
         prog.step()
     del w_store
+    mx.clear_cache()  # see round_write.round_and_write
 
     # back through the final norm: gradient at the last block's output
     grads = {}
@@ -323,6 +324,7 @@ def backward_stage(
                         acc.add(path, s_)
                     grads[bb, p] = gin
             del bank
+        mx.clear_cache()
         prog.step()
 
 
