@@ -90,13 +90,15 @@ def run_kv_cache(
     n_samples: int = DEFAULT_N_SAMPLES,
     data: str | Path | None = None,
     log: Callable[[str], None] = lambda s: None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[str], None] | None = None,
     rotation: str = "hadamard",
 ) -> KVCacheRun:
     """Measure KV sensitivity of ``model``, allocate bits, write config, data and plot.
 
     ``rotation`` is how the cache will store K/V (see :mod:`.quant`); it is measured with
     and recorded in the config, so the sensitivities match what the cache does.
+    ``progress`` receives one line per decoder block and per sequence of each pass
+    (``sensitivity: block 7 of 24 ...``), for a log.
     """
     from ..model_io import load_model, validate_model_dir
     from .allocate import allocate_kv_bits, min_achievable_bits
@@ -140,17 +142,9 @@ def run_kv_cache(
     log(f"K/V rotation: {rotation}")
 
     # --- sensitivity
-    n_variants = len(layout.kv_layers) * 2 * len(cands)
-    done = [0]
-
-    def step(k: int) -> None:
-        done[0] += k
-        if progress:
-            progress(done[0], n_variants * n_samples)
-
     with _fast_prefill():
         sens = measure_kv_sensitivity(
-            lm.model, sequences, layout, cands, group_size, progress=step, rotation=rotation
+            lm.model, sequences, layout, cands, group_size, rotation=rotation, log=progress
         )
         alloc = allocate_kv_bits(sens, layout, target_bits, cands, group_size)
         # Measure the chosen config as a whole (no additivity assumption), next to the
@@ -161,7 +155,8 @@ def run_kv_cache(
             f"uniform_{max(cands)}bit": {kv.index: (max(cands), max(cands)) for kv in layout.kv_layers},
         }
         kls = variant_kls(
-            lm.model, sequences, list(checks.values()), group_size, layout.vocab_size, rotation=rotation
+            lm.model, sequences, list(checks.values()), group_size, layout.vocab_size, rotation=rotation,
+            log=progress, stage="whole configs",
         )
     measured = dict(zip(checks, kls))
 
