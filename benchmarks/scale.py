@@ -12,7 +12,9 @@ reported as such. Random weights make quality meaningless here; cost is real.
 
 Rows (``--rows``; each registered with ``@row``): ``mlx_lm`` (``mlx_lm.convert -q``), ``static`` (``optiq convert --method
 static``), ``default`` (``optiq convert --target-bpw 4.5``), ``bits48`` (the default
-with ``--candidate-bits 4,8``).
+with ``--candidate-bits 4,8``), ``kv_cache`` (``optiq kv-cache`` on the 4-bit quant,
+``--target-bits 4.5 --candidate-bits 4,8``; mlx-lm has no KV sensitivity search, so no
+peer row: its ``--kv-bits`` is one width the user picks).
 
 For the optiq rows it also prints the memory plan's estimate (``memory_plan_bytes``)
 beside the measured peak, the time of each stage, and the sensitivity pass against its
@@ -119,20 +121,44 @@ def gemm_rate(n: int = 2048, repeat: int = 5) -> float:
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
-def sensitivity_flops(cfg: dict, tokens: int, widths: int) -> float:
-    """Matmul FLOPs of the streamed Fisher pass (see module doc) for a qwen3_5 config."""
-    H, L, V, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
+def layer_params(cfg: dict) -> list[int]:
+    """Matmul parameters of each decoder block of a qwen3_5 config (full or linear attention, + MLP)."""
+    H, L, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
     hd, nq, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     kd, vd = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
     nk, nv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
     mlp = 3 * H * inter
     full = H * (2 * nq * hd) + 2 * H * nkv * hd + nq * hd * H
     linear = H * (2 * nk * kd + nv * vd) + H * nv * vd + 2 * H * nv + nv * vd * H
-    n_full = L // cfg["full_attention_interval"]
-    block_params = n_full * (full + mlp) + (L - n_full) * (linear + mlp)
-    blocks = 2 * tokens * block_params * (1 + 1 + 2 + widths)  # forward, recompute, backward, projections
+    every = cfg["full_attention_interval"]
+    return [(full if (i + 1) % every == 0 else linear) + mlp for i in range(L)]
+
+
+def sensitivity_flops(cfg: dict, tokens: int, widths: int) -> float:
+    """Matmul FLOPs of the streamed Fisher pass (see module doc) for a qwen3_5 config."""
+    H, V = cfg["hidden_size"], cfg["vocab_size"]
+    blocks = 2 * tokens * sum(layer_params(cfg)) * (1 + 1 + 2 + widths)  # forward, recompute, backward, projections
     head = 2 * tokens * V * H * (2 + 1 + widths)  # two logit passes, gradient, projections
     return float(blocks + head)
+
+
+def kv_flops(cfg: dict, tokens: int, widths: int, whole_configs: int) -> tuple[float, float]:
+    """Matmul FLOPs of ``optiq kv-cache`` (sensitivity pass, whole-config pass) for a qwen3_5
+    config: the reference through every block, each variant from its first quantized layer
+    on (K and V of every KV layer at each width; the whole configs from the first KV layer),
+    and the head once per variant and once for the reference."""
+    per = layer_params(cfg)
+    kv = [i for i in range(len(per)) if (i + 1) % cfg["full_attention_interval"] == 0]
+    head = 2 * tokens * cfg["vocab_size"] * cfg["hidden_size"]
+    ref = 2 * tokens * sum(per) + head
+    sens = ref + sum(2 * widths * (2 * tokens * sum(per[k:]) + head) for k in kv)
+    whole = ref + whole_configs * (2 * tokens * sum(per[kv[0]:]) + head)
+    return float(sens), float(whole)
+
+
+def forward_flops(cfg: dict, tokens: int) -> float:
+    """Matmul FLOPs of one full-precision forward of ``tokens`` (blocks and head)."""
+    return 2.0 * tokens * (sum(layer_params(cfg)) + cfg["vocab_size"] * cfg["hidden_size"])
 
 
 def run(cmd: list[str], cap: int, log: Path) -> dict:
@@ -237,6 +263,37 @@ def convert_notes(ctx: Ctx, out: Path, r: dict) -> str:
 row("static")(lambda ctx: _convert(ctx, "static", ["--method", "static", "--target-bpw", "4.5"]))
 row("default")(lambda ctx: _convert(ctx, "default", ["--target-bpw", "4.5"]))
 row("bits48")(lambda ctx: _convert(ctx, "bits48", ["--target-bpw", "4.5", "--candidate-bits", "4,8"]))
+
+
+# ------------------------------------------------------------------ kv-cache row
+# mlx-lm has no KV sensitivity search (its --kv-bits is one uniform width for every layer,
+# chosen by the user), so this row has no mlx-lm peer.
+@row("kv_cache")
+def _kv_cache(ctx: Ctx) -> Row:
+    out = ctx.out("kv_cache")
+    return Row(OPTIQ + ["kv-cache", str(ctx.quant()), "--target-bits", "4.5", "--candidate-bits", "4,8",
+                        "-o", str(out)], lambda r: kv_notes(ctx, out, r))
+
+
+def kv_notes(ctx: Ctx, out: Path, r: dict) -> str:
+    """Stage times, the chosen bits and measured KL, and each pass against its compute bound."""
+    sens_file, cfg_file = out / "kv_sensitivity.json", out / "kv_config.json"
+    if r["rc"] != 0 or not sens_file.exists():
+        return ""
+    sens, cfg = json.loads(sens_file.read_text()), json.loads(cfg_file.read_text())
+    tokens = sens["seq_len"] * sens["n_samples"]
+    measured = sens["measured_kl_of_whole_configs"]
+    unique = len({round(v, 12) for v in measured.values()})  # identical configs run once
+    b_sens, b_whole = (f / ctx.rate for f in kv_flops(ctx.cfg, tokens, len(sens["candidate_bits"]), unique))
+    t_sens, t_whole = sens["seconds"], sens["seconds_whole_configs"]
+    bits = sorted({(e["k_bits"], e["v_bits"]) for e in cfg["layers"]})
+    chosen = "uniform K%d/V%d" % bits[0] if len(bits) == 1 else ", ".join(
+        f"L{e['layer']} K{e['k_bits']}/V{e['v_bits']}" for e in cfg["layers"])
+    fwd = forward_flops(ctx.cfg, tokens) / ctx.rate
+    return (f"sensitivity {t_sens:.0f} s vs bound {b_sens:.0f} s ({t_sens / b_sens:.1f}x), whole configs "
+            f"{t_whole:.0f} s vs bound {b_whole:.0f} s ({t_whole / b_whole:.1f}x); one forward of the "
+            f"{tokens} tokens: bound {fwd:.0f} s; chosen {chosen} (achieved {cfg['achieved_bits']:.3f} bits), "
+            f"measured KL {measured['chosen']:.3g}; no mlx-lm peer (no KV sensitivity search)")
 
 
 def main() -> None:
