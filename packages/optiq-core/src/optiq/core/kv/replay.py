@@ -49,7 +49,7 @@ Variant = dict[int, tuple[int | None, int | None]]
 # Activations of the rows advanced through one block per call (estimated, see _rows_per_call).
 ACTIVATION_BUDGET_BYTES = 1 << 29
 # Logits (fp32, tokens x vocabulary) of one head call; the KL adds about two more of each row.
-LOGITS_BUDGET_BYTES = 1 << 28
+LOGITS_BUDGET_BYTES = 1 << 27
 # Row states beyond this go to a temporary .npy file on disk.
 STATES_IN_MEMORY_BYTES = 1 << 30
 # Keep the output head dequantized (fp32) through the logits stage when it is at most this.
