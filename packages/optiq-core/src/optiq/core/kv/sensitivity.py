@@ -75,16 +75,22 @@ def measure_kv_sensitivity(
     group_size: int,
     rotation: str = "hadamard",
     log: Callable[[str], None] | None = None,
+    whole_configs: dict[str, Variant] | None = None,
 ) -> KVSensitivity:
-    """Measure K and V sensitivity of every KV layer at every candidate width."""
+    """Measure K and V sensitivity of every KV layer at every candidate width.
+
+    ``whole_configs`` (name -> variant) are measured in the same pass, sharing its
+    reference (their KLs go to ``extra["measured_kl_of_whole_configs"]``)."""
     tic, cpu = time.perf_counter(), time.process_time()
     keys = [(kv.index, t, b) for kv in layout.kv_layers for t in ("k", "v") for b in candidate_bits]
     variants: list[Variant] = [{i: ((b, None) if t == "k" else (None, b))} for i, t, b in keys]
-    kls = variant_kls(model, sequences, variants, group_size, layout.vocab_size, rotation, log=log)
+    whole = whole_configs or {}
+    kls = variant_kls(model, sequences, variants + list(whole.values()), group_size, layout.vocab_size, rotation, log=log)
     kl: dict[int, dict[str, dict[int, float]]] = {kv.index: {"k": {}, "v": {}} for kv in layout.kv_layers}
     for (i, t, b), v in zip(keys, kls):
         kl[i][t][b] = v
     return KVSensitivity(
+        extra={"measured_kl_of_whole_configs": dict(zip(whole, kls[len(keys):]))} if whole else {},
         kl=kl,
         candidate_bits=tuple(candidate_bits),
         group_size=group_size,
