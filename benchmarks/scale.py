@@ -14,7 +14,10 @@ Rows (``--rows``; each registered with ``@row``): ``mlx_lm`` (``mlx_lm.convert -
 static``), ``default`` (``optiq convert --target-bpw 4.5``), ``bits48`` (the default
 with ``--candidate-bits 4,8``), ``eval`` (``optiq eval`` of the 4-bit quant against the
 model on the bundled held-out text, against the compute bound of both forward passes)
-and ``eval_mlx_lm`` (its mlx-lm peer, ``benchmarks/eval_mlx_lm.py``, on the first 64 tokens).
+and ``eval_mlx_lm`` (its mlx-lm peer, ``benchmarks/eval_mlx_lm.py``, on the first 64 tokens),
+``kv_cache`` (``optiq kv-cache`` on the 4-bit quant, ``--target-bits 4.5
+--candidate-bits 4,8``; mlx-lm has no KV sensitivity search, so no peer row: its
+``--kv-bits`` is one width the user picks).
 
 For the optiq rows it also prints the memory plan's estimate (``memory_plan_bytes``)
 beside the measured peak, the time of each stage, and the sensitivity pass against its
@@ -122,8 +125,8 @@ def gemm_rate(n: int = 2048, repeat: int = 5) -> float:
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
-def block_params(cfg: dict) -> int:
-    """Weights of all decoder blocks' projections (what their matmuls multiply) of a qwen3_5 config."""
+def layer_params(cfg: dict) -> list[int]:
+    """Matmul parameters of each decoder block of a qwen3_5 config (full or linear attention, + MLP)."""
     H, L, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
     hd, nq, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     kd, vd = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
@@ -131,14 +134,14 @@ def block_params(cfg: dict) -> int:
     mlp = 3 * H * inter
     full = H * (2 * nq * hd) + 2 * H * nkv * hd + nq * hd * H
     linear = H * (2 * nk * kd + nv * vd) + H * nv * vd + 2 * H * nv + nv * vd * H
-    n_full = L // cfg["full_attention_interval"]
-    return n_full * (full + mlp) + (L - n_full) * (linear + mlp)
+    every = cfg["full_attention_interval"]
+    return [(full if (i + 1) % every == 0 else linear) + mlp for i in range(L)]
 
 
 def sensitivity_flops(cfg: dict, tokens: int, widths: int) -> float:
     """Matmul FLOPs of the streamed Fisher pass (see module doc) for a qwen3_5 config."""
     H, V = cfg["hidden_size"], cfg["vocab_size"]
-    blocks = 2 * tokens * block_params(cfg) * (1 + 1 + 2 + widths)  # forward, recompute, backward, projections
+    blocks = 2 * tokens * sum(layer_params(cfg)) * (1 + 1 + 2 + widths)  # forward, recompute, backward, projections
     head = 2 * tokens * V * H * (2 + 1 + widths)  # two logit passes, gradient, projections
     return float(blocks + head)
 
@@ -146,6 +149,26 @@ def sensitivity_flops(cfg: dict, tokens: int, widths: int) -> float:
 def _children_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
+
+
+def kv_flops(cfg: dict, tokens: int, widths: int, chosen_pass: bool) -> tuple[float, float]:
+    """Matmul FLOPs of ``optiq kv-cache`` (sensitivity pass, chosen-config pass) for a qwen3_5
+    config: the reference through every block, each variant from its first quantized layer
+    on (K and V of every KV layer at each width, and the two uniform configs from the first
+    KV layer), the head once per variant and once for the reference; the chosen config gets
+    a pass of its own only when it is not one of the uniform ones."""
+    per = layer_params(cfg)
+    kv = [i for i in range(len(per)) if (i + 1) % cfg["full_attention_interval"] == 0]
+    head = 2 * tokens * cfg["vocab_size"] * cfg["hidden_size"]
+    ref = 2 * tokens * sum(per) + head
+    whole = 2 * tokens * sum(per[kv[0]:]) + head
+    sens = ref + sum(2 * widths * (2 * tokens * sum(per[k:]) + head) for k in kv) + 2 * whole
+    return float(sens), float(ref + whole) if chosen_pass else 0.0
+
+
+def forward_flops(cfg: dict, tokens: int) -> float:
+    """Matmul FLOPs of one full-precision forward of ``tokens`` (blocks and head)."""
+    return 2.0 * tokens * (sum(layer_params(cfg)) + cfg["vocab_size"] * cfg["hidden_size"])
 
 
 def run(cmd: list[str], cap: int, log: Path) -> dict:
@@ -256,7 +279,7 @@ row("bits48")(lambda ctx: _convert(ctx, "bits48", ["--target-bpw", "4.5", "--can
 # ------------------------------------------------------------------ eval rows
 def eval_flops(cfg: dict, tokens: int, models: int = 2) -> float:
     """Matmul FLOPs of ``models`` forward passes over ``tokens``, the vocabulary-sized head included."""
-    return float(models * 2 * tokens * (block_params(cfg) + cfg["vocab_size"] * cfg["hidden_size"]))
+    return models * forward_flops(cfg, tokens)
 
 
 def _log_text(ctx: Ctx, name: str) -> str:
@@ -302,6 +325,36 @@ def _eval_mlx_lm(ctx: Ctx) -> Row:
 
     script = Path(__file__).with_name("eval_mlx_lm.py")
     return Row([sys.executable, str(script), str(ctx.quant()), str(ctx.model), str(default_eval_text())], notes)
+
+
+# ------------------------------------------------------------------ kv-cache row
+# mlx-lm has no KV sensitivity search (its --kv-bits is one uniform width for every layer,
+# chosen by the user), so this row has no mlx-lm peer.
+@row("kv_cache")
+def _kv_cache(ctx: Ctx) -> Row:
+    out = ctx.out("kv_cache")
+    return Row(OPTIQ + ["kv-cache", str(ctx.quant()), "--target-bits", "4.5", "--candidate-bits", "4,8",
+                        "-o", str(out)], lambda r: kv_notes(ctx, out, r))
+
+
+def kv_notes(ctx: Ctx, out: Path, r: dict) -> str:
+    """Stage times, the chosen bits and measured KL, and each pass against its compute bound."""
+    sens_file, cfg_file = out / "kv_sensitivity.json", out / "kv_config.json"
+    if r["rc"] != 0 or not sens_file.exists():
+        return ""
+    sens, cfg = json.loads(sens_file.read_text()), json.loads(cfg_file.read_text())
+    tokens = sens["seq_len"] * sens["n_samples"]
+    measured = sens["measured_kl_of_whole_configs"]
+    t_sens, t_chosen = sens["seconds"], sens["seconds_chosen_config"]
+    b_sens, b_chosen = (f / ctx.rate for f in kv_flops(ctx.cfg, tokens, len(sens["candidate_bits"]), t_chosen > 0))
+    bits = sorted({(e["k_bits"], e["v_bits"]) for e in cfg["layers"]})
+    chosen = "uniform K%d/V%d" % bits[0] if len(bits) == 1 else ", ".join(
+        f"L{e['layer']} K{e['k_bits']}/V{e['v_bits']}" for e in cfg["layers"])
+    fwd = forward_flops(ctx.cfg, tokens) / ctx.rate
+    own = f"chosen-config pass {t_chosen:.0f} s vs bound {b_chosen:.0f} s" if t_chosen > 0 else "no chosen-config pass (uniform)"
+    return (f"sensitivity {t_sens:.0f} s vs bound {b_sens:.0f} s ({t_sens / b_sens:.1f}x); {own}; one forward of the "
+            f"{tokens} tokens: bound {fwd:.0f} s; chosen {chosen} (achieved {cfg['achieved_bits']:.3f} bits), "
+            f"measured KL {measured['chosen']:.3g}; no mlx-lm peer (no KV sensitivity search)")
 
 
 def main() -> None:

@@ -62,6 +62,10 @@ def test_kv_cache_end_to_end(model_dir, tmp_path, capsys):
     assert sens["rotation"] == "hadamard"
     m = sens["measured_kl_of_whole_configs"]
     assert m["uniform_4bit"] >= m["chosen"] >= m["uniform_8bit"]
+    assert sens["seconds_chosen_config"] > 0  # not a uniform config: its own pass
+    # progress: plain lines on stderr, per block and per sequence, for both passes
+    assert "sensitivity: block 8 of 8 (22 rows, 4 variant(s) start here)" in err and "sensitivity logits: sequence 2 of 2" in err
+    assert "chosen config: block 4 of 8 (4 rows, 1 variant(s) start here)" in err
 
 
 def test_kv_cache_without_rotation(model_dir, tmp_path, capsys):

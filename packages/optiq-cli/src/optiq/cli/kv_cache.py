@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from .options import model_argument
@@ -48,17 +46,8 @@ def kv_cache(
     from optiq.core.kv.pipeline import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, run_kv_cache
 
     echo = (lambda s: None) if quiet else click.echo
-    bar = {"obj": None}
-
-    def progress(done: int, total: int) -> None:
-        if quiet:
-            return
-        if bar["obj"] is None:
-            bar["obj"] = click.progressbar(length=total, label="sensitivity", file=sys.stderr)
-            bar["obj"].__enter__()
-        bar["obj"].update(done - bar["obj"].pos)
-        if done >= total:
-            bar["obj"].__exit__(None, None, None)
+    # progress: one line per decoder block / sequence, to stderr (a log keeps it)
+    progress = None if quiet else (lambda s: click.echo(s, err=True))
 
     run = run_kv_cache(
         model,

@@ -158,6 +158,46 @@ def _rows(x: mx.array) -> int:
     return x.size // x.shape[-1] if x.ndim else 1
 
 
+# id(layer) -> its dequantized weight, while a ``keep_dequantized`` block holds it.
+_DENSE: dict[int, mx.array] = {}
+
+
+def dequantized_weight(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
+    """A quantized layer's weight as ``dtype`` (the one :func:`keep_dequantized` holds, if any)."""
+    w = _DENSE.get(id(layer))
+    if w is None:
+        w = mx.dequantize(
+            layer["weight"],
+            layer["scales"],
+            layer.get("biases"),
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        )
+    return w.astype(dtype)
+
+
+@contextmanager
+def keep_dequantized(modules: list[nn.Module], dtype: mx.Dtype = mx.float32):
+    """Dequantize the quantized layers among ``modules`` (and their children) once for the
+    ``with`` block, instead of once per multi-row call: for a pass that calls the same
+    layer many times (e.g. a vocabulary-sized head over token chunks). Results are
+    unchanged; the dense weights take ``4 x parameters`` bytes (fp32) meanwhile."""
+    held = []
+    for module in modules:
+        for _, m in module.named_modules():
+            if isinstance(m, (CPUQuantizedLinear, CPUQuantizedEmbedding)) and id(m) not in _DENSE:
+                w = dequantized_weight(m, dtype)
+                mx.eval(w)
+                _DENSE[id(m)] = w
+                held.append(id(m))
+    try:
+        yield
+    finally:
+        for i in held:
+            _DENSE.pop(i, None)
+
+
 class CPUQuantizedLinear(nn.QuantizedLinear):
     """QuantizedLinear that dequantizes for multi-row inputs (optiq-kernels for a few rows)."""
 
@@ -167,15 +207,7 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
             if y is None:
                 return super().__call__(x)
             return y + self["bias"] if "bias" in self else y
-        w = mx.dequantize(
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        ).astype(x.dtype)
-        y = x @ w.T
+        y = x @ dequantized_weight(self, x.dtype).T
         if "bias" in self:
             y = y + self["bias"]
         return y
@@ -188,15 +220,7 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
         if _rows(x) < DEQUANT_MIN_ROWS:
             y = _kernel_matmul(self, x)
             return super().as_linear(x) if y is None else y
-        w = mx.dequantize(
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        ).astype(x.dtype)
-        return x @ w.T
+        return x @ dequantized_weight(self, x.dtype).T
 
 
 def _kernel_gather_matmul(layer: nn.Module, x: mx.array, indices: mx.array) -> mx.array | None:
@@ -234,14 +258,7 @@ def _switch_classes() -> tuple[type, type]:
                 if y is None:
                     return super().__call__(x, indices, sorted_indices=sorted_indices)
                 return y + mx.expand_dims(self["bias"][indices], -2) if "bias" in self else y
-            w = mx.dequantize(
-                self["weight"],
-                self["scales"],
-                self.get("biases"),
-                group_size=self.group_size,
-                bits=self.bits,
-                mode=self.mode,
-            ).astype(x.dtype)
+            w = dequantized_weight(self, x.dtype)
             y = mx.gather_mm(
                 x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
             )

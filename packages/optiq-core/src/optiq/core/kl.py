@@ -23,9 +23,23 @@ def to_numpy_logits(logits: mx.array) -> np.ndarray:
     return a.reshape(-1, a.shape[-1])
 
 
+# Rows per block of the vocabulary-wide temporaries: a few MB each (not a fresh
+# tokens x vocabulary buffer per call, which costs page faults and peak memory).
+ROW_BLOCK = 8
+
+
+def _blocks(n: int):
+    return (slice(a, min(n, a + ROW_BLOCK)) for a in range(0, n, ROW_BLOCK))
+
+
 def logsumexp(z: np.ndarray) -> np.ndarray:
-    m = z.max(axis=-1, keepdims=True)
-    return (m[:, 0] + np.log(np.exp(z - m).sum(axis=-1))).astype(np.float64)
+    out = np.empty(len(z), dtype=np.float64)
+    for b in _blocks(len(z)):
+        m = z[b].max(axis=-1, keepdims=True)
+        e = z[b] - m
+        np.exp(e, out=e)
+        out[b] = m[:, 0] + np.log(e.sum(axis=-1))
+    return out
 
 
 @dataclass
@@ -42,7 +56,10 @@ class RefDist:
         z = logits if isinstance(logits, np.ndarray) else to_numpy_logits(logits)
         z = z.reshape(-1, z.shape[-1])
         lse = logsumexp(z)
-        p = np.exp((z - lse[:, None]).astype(np.float32))
+        p = np.empty(z.shape, dtype=np.float32)
+        for b in _blocks(len(z)):
+            p[b] = (z[b] - lse[b, None]).astype(np.float32)
+            np.exp(p[b], out=p[b])
         pr = np.einsum("ij,ij->i", p, z, dtype=np.float64)
         lt = None
         if targets is not None:

@@ -90,13 +90,15 @@ def run_kv_cache(
     n_samples: int = DEFAULT_N_SAMPLES,
     data: str | Path | None = None,
     log: Callable[[str], None] = lambda s: None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[str], None] | None = None,
     rotation: str = "hadamard",
 ) -> KVCacheRun:
     """Measure KV sensitivity of ``model``, allocate bits, write config, data and plot.
 
     ``rotation`` is how the cache will store K/V (see :mod:`.quant`); it is measured with
     and recorded in the config, so the sensitivities match what the cache does.
+    ``progress`` receives one line per decoder block and per sequence of each pass
+    (``sensitivity: block 7 of 24 ...``), for a log.
     """
     from ..model_io import load_model, validate_model_dir
     from .allocate import allocate_kv_bits, min_achievable_bits
@@ -140,30 +142,30 @@ def run_kv_cache(
     log(f"K/V rotation: {rotation}")
 
     # --- sensitivity
-    n_variants = len(layout.kv_layers) * 2 * len(cands)
-    done = [0]
-
-    def step(k: int) -> None:
-        done[0] += k
-        if progress:
-            progress(done[0], n_variants * n_samples)
-
+    # The chosen config is measured as a whole (no additivity assumption), next to the
+    # uniform configs at the lowest and highest candidate widths; those do not depend on
+    # the allocation, so they run in the sensitivity pass itself (sharing its reference).
+    uniform = {
+        f"uniform_{b}bit": {kv.index: (b, b) for kv in layout.kv_layers} for b in (min(cands), max(cands))
+    }
     with _fast_prefill():
         sens = measure_kv_sensitivity(
-            lm.model, sequences, layout, cands, group_size, progress=step, rotation=rotation
+            lm.model, sequences, layout, cands, group_size, rotation=rotation, log=progress,
+            whole_configs=uniform,
         )
         alloc = allocate_kv_bits(sens, layout, target_bits, cands, group_size)
-        # Measure the chosen config as a whole (no additivity assumption), next to the
-        # uniform configs at the lowest and highest candidate widths.
-        checks = {
-            "chosen": alloc.bits,
-            f"uniform_{min(cands)}bit": {kv.index: (min(cands), min(cands)) for kv in layout.kv_layers},
-            f"uniform_{max(cands)}bit": {kv.index: (max(cands), max(cands)) for kv in layout.kv_layers},
-        }
-        kls = variant_kls(
-            lm.model, sequences, list(checks.values()), group_size, layout.vocab_size, rotation=rotation
-        )
-    measured = dict(zip(checks, kls))
+        measured = dict(sens.extra["measured_kl_of_whole_configs"])
+        same = next((name for name, bits in uniform.items() if bits == alloc.bits), None)
+        t_checks = time.perf_counter()
+        if same is not None:  # e.g. 4.5 bits with 4/8-bit candidates: uniform 4-bit
+            chosen_kl = measured[same]
+        else:
+            (chosen_kl,) = variant_kls(
+                lm.model, sequences, [alloc.bits], group_size, layout.vocab_size, rotation=rotation,
+                log=progress, stage="chosen config",
+            )
+        t_checks = time.perf_counter() - t_checks
+    measured = {"chosen": chosen_kl, **measured}
 
     config = KVConfig(
         model=layout,
@@ -183,7 +185,11 @@ def run_kv_cache(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"config": save_kv_config(config, out / CONFIG_NAME)}
-    sens.extra = {"measured_kl_of_whole_configs": measured, "seconds_total": None}
+    sens.extra = {
+        "measured_kl_of_whole_configs": measured,
+        "seconds_chosen_config": round(t_checks, 2),  # 0: it is one of the uniform configs
+        "seconds_total": None,
+    }
     files["sensitivity"] = out / SENSITIVITY_NAME
     files["plot"] = plot_kv_sensitivity(
         sens, out / PLOT_NAME, chosen=alloc.bits, title=f"KV sensitivity: {Path(path).name}"

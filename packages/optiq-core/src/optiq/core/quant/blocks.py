@@ -205,23 +205,11 @@ class BlockModel:
     # ------------------------------------------------------------------ forward pieces
     def block_output(self, k: int, tokens: mx.array, h: mx.array, hooks: dict | None = None) -> mx.array:
         """Output of block ``k`` given its input ``h`` (differentiable in ``h``)."""
-        layer = self.layers[k]
-        cls = type(layer)
-
-        def call(self_, x, *args, **kwargs):
-            raise _Stop(cls.__call__(self_, h, *args, **kwargs))
-
-        with replay_layers(self.layers[:k], [h] * k), _swap_call(layer, call, "Block"):
-            return self._run(tokens, hooks)
+        return block_output(self.model, self.layers, k, tokens, h, hooks)
 
     def first_input(self, tokens: mx.array, hooks: dict | None = None) -> mx.array:
         """Block 0's input (the embedding output, after any scaling the model applies)."""
-
-        def call(self_, x, *args, **kwargs):
-            raise _Stop(x)
-
-        with _swap_call(self.layers[0], call, "Entry"):
-            return self._run(tokens, hooks)
+        return first_input(self.model, self.layers, tokens, hooks)
 
     def head_input(self, tokens: mx.array, h: mx.array) -> mx.array:
         """The head's input (final norm of the last block's output ``h``), differentiable in ``h``."""
@@ -230,16 +218,53 @@ class BlockModel:
 
     def logits_from(self, tokens: mx.array, h: mx.array) -> mx.array:
         """The model's own logits from the last block's output ``h`` (head must be materialized)."""
-        with replay_layers(self.layers, [h] * len(self.layers)), fast_gated_delta():
-            return self.model(tokens)
+        return logits_from(self.model, self.layers, tokens, h)
 
-    def _run(self, tokens: mx.array, hooks: dict | None) -> mx.array:
-        with fast_gated_delta(), call_hooks(hooks or {}):
-            try:
-                self.model(tokens)
-            except _Stop as s:
-                return s.value
-        raise ModelLoadError(f"{type(self.model).__name__}: the forward pass never reached the expected layer")
+
+# ---------------------------------------------------------------------- forward pieces
+# Pieces of the model's own forward over its decoder ``layers``, given saved block inputs
+# (used by BlockModel and by the KV sensitivity pass, which runs a loaded model).
+
+
+def block_output(
+    model: nn.Module, layers: list[nn.Module], k: int, tokens: mx.array, h: mx.array,
+    hooks: dict | None = None, cache: list | None = None,
+) -> mx.array:
+    """Output of block ``k`` given its input ``h`` (``cache``: the model's cache list, for
+    block ``k``'s own cache; differentiable in ``h``). Nothing after block ``k`` runs."""
+    layer = layers[k]
+    cls = type(layer)
+
+    def call(self_, x, *args, **kwargs):
+        raise _Stop(cls.__call__(self_, h, *args, **kwargs))
+
+    with replay_layers(layers[:k], [h] * k), _swap_call(layer, call, "Block"):
+        return _run(model, tokens, hooks, cache)
+
+
+def first_input(model: nn.Module, layers: list[nn.Module], tokens: mx.array, hooks: dict | None = None) -> mx.array:
+    """Block 0's input (the embedding output, after any scaling the model applies)."""
+
+    def call(self_, x, *args, **kwargs):
+        raise _Stop(x)
+
+    with _swap_call(layers[0], call, "Entry"):
+        return _run(model, tokens, hooks)
+
+
+def logits_from(model: nn.Module, layers: list[nn.Module], tokens: mx.array, h: mx.array) -> mx.array:
+    """The model's own logits (final norm, head, anything after it) from the last block's output ``h``."""
+    with replay_layers(layers, [h] * len(layers)), fast_gated_delta():
+        return model(tokens)
+
+
+def _run(model: nn.Module, tokens: mx.array, hooks: dict | None, cache: list | None = None) -> mx.array:
+    with fast_gated_delta(), call_hooks(hooks or {}):
+        try:
+            model(tokens) if cache is None else model(tokens, cache=cache)
+        except _Stop as s:
+            return s.value
+    raise ModelLoadError(f"{type(model).__name__}: the forward pass never reached the expected layer")
 
 
 # Vocabulary rows :func:`check_head` compares (the head's own forward over the whole
