@@ -26,6 +26,10 @@ from mlx.utils import tree_flatten, tree_map
 # (crossover measured on a 2-core x86 machine, 1024x1024 4-bit: qmm costs ~0.75 ms
 # per row, dequantize + GEMM ~3.3 ms flat + ~0.07 ms per row).
 DEQUANT_MIN_ROWS = 6
+# Inside dequantize_in_slices(), a weight larger than this in fp32 (the vocabulary-sized
+# embedding / tied head: 1 GB at 248,320 x 1,024) is dequantized and multiplied in slices
+# of output rows of at most this size: no whole vocabulary-sized fp32 table in memory.
+DEQUANT_SLICE_BYTES = 64 << 20
 
 
 log = logging.getLogger(__name__)
@@ -40,16 +44,29 @@ def on_cpu() -> bool:
 
 
 _PURE_MLX = [0]  # > 0 inside pure_mlx()
+_SLICED = [0]  # > 0 inside dequantize_in_slices()
 
 
 @contextmanager
-def pure_mlx():
-    """Run without ``optiq.kernels`` inside this block (benchmarks and tests compare both)."""
-    _PURE_MLX[0] += 1
+def _raised(counter: list[int]):
+    counter[0] += 1
     try:
         yield
     finally:
-        _PURE_MLX[0] -= 1
+        counter[0] -= 1
+
+
+def pure_mlx():
+    """Run without ``optiq.kernels`` inside this block (benchmarks and tests compare both)."""
+    return _raised(_PURE_MLX)
+
+
+def dequantize_in_slices():
+    """Inside this block, a many-row matmul with a quantized weight over
+    :data:`DEQUANT_SLICE_BYTES` in fp32 dequantizes it slice by slice, each evaluated
+    before the next, so memory holds one slice (inference: the server's engine thread).
+    Off by default: an evaluation mid-graph is not allowed under ``mx.compile``."""
+    return _raised(_SLICED)
 
 
 def kernels() -> Any:
@@ -158,6 +175,35 @@ def _rows(x: mx.array) -> int:
     return x.size // x.shape[-1] if x.ndim else 1
 
 
+def _dequantize(layer: nn.Module, rows: slice, dtype: mx.Dtype) -> mx.array:
+    return mx.dequantize(
+        layer["weight"][rows],
+        layer["scales"][rows],
+        None if layer.get("biases") is None else layer["biases"][rows],
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    ).astype(dtype)
+
+
+def _dequantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
+    """``x @ dequantize(W).T`` for many rows: dequantize + GEMM in ``x``'s precision; inside
+    :func:`dequantize_in_slices`, over slices of W's output rows of at most
+    :data:`DEQUANT_SLICE_BYTES` each, evaluated one after the other (MLX's ``dequantize``
+    peaks at twice its output: ~2 slices live at once)."""
+    out = layer["weight"].shape[0]
+    cols = layer["weight"].shape[1] * 32 // layer.bits
+    step = max(1, DEQUANT_SLICE_BYTES // (cols * x.dtype.size))
+    if out <= step or not _SLICED[0]:
+        return x @ _dequantize(layer, slice(None), x.dtype).T
+    ys = []
+    for a in range(0, out, step):
+        ys.append(x @ _dequantize(layer, slice(a, a + step), x.dtype).T)
+        if len(ys) > 1:  # keep the graph from dequantizing every slice before the first GEMM
+            mx.eval(ys[-2])
+    return mx.concatenate(ys, axis=-1)
+
+
 class CPUQuantizedLinear(nn.QuantizedLinear):
     """QuantizedLinear that dequantizes for multi-row inputs (optiq-kernels for a few rows)."""
 
@@ -167,18 +213,8 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
             if y is None:
                 return super().__call__(x)
             return y + self["bias"] if "bias" in self else y
-        w = mx.dequantize(
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        ).astype(x.dtype)
-        y = x @ w.T
-        if "bias" in self:
-            y = y + self["bias"]
-        return y
+        y = _dequantized_matmul(self, x)
+        return y + self["bias"] if "bias" in self else y
 
 
 class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
@@ -188,15 +224,7 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
         if _rows(x) < DEQUANT_MIN_ROWS:
             y = _kernel_matmul(self, x)
             return super().as_linear(x) if y is None else y
-        w = mx.dequantize(
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        ).astype(x.dtype)
-        return x @ w.T
+        return _dequantized_matmul(self, x)
 
 
 def _kernel_gather_matmul(layer: nn.Module, x: mx.array, indices: mx.array) -> mx.array | None:

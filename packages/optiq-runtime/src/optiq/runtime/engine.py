@@ -339,6 +339,12 @@ class Engine:
 
     # ----------------------------------------------------------- engine thread
     def _main(self) -> None:
+        from optiq.core.cpu import dequantize_in_slices
+
+        with dequantize_in_slices():  # the CPU path's prefill: one weight slice at a time
+            self._serve()
+
+    def _serve(self) -> None:
         try:
             loaded = self._loader()
         except BaseException as e:  # reported by wait_ready
