@@ -55,7 +55,7 @@ class Footprint:
             return
         tips = ["lower --max-context", "lower --prompt-cache-bytes", "serve a quantized model (optiq convert)"]
         tips.append("raise --max-memory" if self.capped else "free memory")
-        raise MemoryBudgetError(f"serving needs {self.describe()}: {', '.join(tips)}")
+        raise MemoryBudgetError(f"the model will not fit in memory to serve: {self.describe()}: {', '.join(tips)}")
 
 
 def _tensors(model_dir: Path) -> dict[str, tuple[str, list[int]]]:
