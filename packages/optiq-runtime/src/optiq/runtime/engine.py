@@ -22,6 +22,7 @@ message resumes from that message.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import queue
@@ -341,10 +342,12 @@ class Engine:
     def _main(self) -> None:
         from optiq.core.cpu import dequantize_in_slices
 
-        with dequantize_in_slices():  # the CPU path's prefill: one weight slice at a time
-            self._serve()
+        with contextlib.ExitStack() as held, dequantize_in_slices():  # prefill: one weight slice at a time
+            self._serve(held)
 
-    def _serve(self) -> None:
+    def _serve(self, held: contextlib.ExitStack) -> None:
+        from optiq.core.quant.gdn import fast_gated_delta
+
         try:
             loaded = self._loader()
         except BaseException as e:  # reported by wait_ready
@@ -352,6 +355,9 @@ class Engine:
             self._ready.set()
             self._stopped.set()
             return
+        # the model's mlx-lm module is imported now: its Gated DeltaNet prefill (one
+        # unpadded sequence) runs chunked on the CPU; decode and masked batches stay stock
+        held.enter_context(fast_gated_delta())
         try:
             self._warmup(loaded)
         except Exception:  # a failed warm-up is not fatal; the first request pays instead
