@@ -350,14 +350,14 @@ class Engine:
 
         try:
             loaded = self._loader()
+            # the model's mlx-lm module is imported now: its Gated DeltaNet prefill (one
+            # unpadded sequence) runs chunked on the CPU; decode and masked batches stay stock
+            held.enter_context(fast_gated_delta())
         except BaseException as e:  # reported by wait_ready
             self.load_error = e
             self._ready.set()
             self._stopped.set()
             return
-        # the model's mlx-lm module is imported now: its Gated DeltaNet prefill (one
-        # unpadded sequence) runs chunked on the CPU; decode and masked batches stay stock
-        held.enter_context(fast_gated_delta())
         try:
             self._warmup(loaded)
         except Exception:  # a failed warm-up is not fatal; the first request pays instead
