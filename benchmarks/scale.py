@@ -17,7 +17,13 @@ model on the bundled held-out text, against the compute bound of both forward pa
 and ``eval_mlx_lm`` (its mlx-lm peer, ``benchmarks/eval_mlx_lm.py``, on the first 64 tokens),
 ``kv_cache`` (``optiq kv-cache`` on the 4-bit quant, ``--target-bits 4.5
 --candidate-bits 4,8``; mlx-lm has no KV sensitivity search, so no peer row: its
-``--kv-bits`` is one width the user picks).
+``--kv-bits`` is one width the user picks);
+generation on the 4-bit quant: ``serve`` (one request to
+``optiq serve``: a 256-token prompt, 64 tokens; ``benchmarks/serve_once.py``),
+``generate_mlx_lm`` (``mlx_lm generate`` on the quant) and ``generate_mlx_lm_bf16`` (on
+the bf16 model), both with a 16-token prompt (stock mlx-lm's CPU prefill of 256 tokens
+took over 15 minutes); their notes give prefill s, decode tok/s and the decode's
+memory-bandwidth bound (weight bytes / the copy bandwidth measured in the run).
 
 For the optiq rows it also prints the memory plan's estimate (``memory_plan_bytes``)
 beside the measured peak, the time of each stage, and the sensitivity pass against its
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -198,6 +205,13 @@ class Ctx:
     workdir: Path
     rate: float
     cap: int
+    _bandwidth: float | None = None
+
+    def bandwidth(self) -> float:
+        """Copy bandwidth measured now (once per run): the generation rows' decode bound."""
+        if self._bandwidth is None:
+            self._bandwidth = copy_bandwidth()
+        return self._bandwidth
 
     def quant(self) -> Path:
         """The model's 4-bit quant from ``mlx_lm.convert -q`` (built once, reused): what
@@ -355,6 +369,96 @@ def kv_notes(ctx: Ctx, out: Path, r: dict) -> str:
     return (f"sensitivity {t_sens:.0f} s vs bound {b_sens:.0f} s ({t_sens / b_sens:.1f}x); {own}; one forward of the "
             f"{tokens} tokens: bound {fwd:.0f} s; chosen {chosen} (achieved {cfg['achieved_bits']:.3f} bits), "
             f"measured KL {measured['chosen']:.3g}; no mlx-lm peer (no KV sensitivity search)")
+
+
+# ------------------------------------------------------------------ generation rows
+PROMPT_TOKENS = 256  # the serve row's prompt
+PEER_PROMPT_TOKENS = 16  # stock mlx_lm's prompt: its CPU prefill of 256 tokens took over 15 minutes
+GEN_TOKENS = 64
+
+
+def copy_bandwidth(mb: int = 512, repeat: int = 5) -> float:
+    """Memory bandwidth now, STREAM-style: bytes read + written per second by a large
+    numpy copy (best of ``repeat``)."""
+    code = (
+        "import time, numpy as np\n"
+        f"a = np.ones({mb} << 18, np.float32); b = np.empty_like(a); np.copyto(b, a)\n"
+        "best = 1e9\n"
+        f"for _ in range({repeat}):\n"
+        "    t = time.perf_counter(); np.copyto(b, a); best = min(best, time.perf_counter() - t)\n"
+        "print(2 * a.nbytes / best)\n"
+    )
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def prompt_file(ctx: Ctx, tokens: int) -> Path:
+    """A plain-text prompt of ``tokens`` tokens under the model's tokenizer (written once)."""
+    from tokenizers import Tokenizer
+
+    out = ctx.workdir / f"prompt-{tokens}.txt"
+    if not out.exists():
+        tok = Tokenizer.from_file(str(ctx.model / "tokenizer.json"))
+        words = ("the quick brown fox jumps over the lazy dog while a model reads "
+                 "one long prompt to measure its prefill").split()
+        text, i = "", 0
+        while len(tok.encode(text).ids) < tokens:
+            text, i = f"{text} {words[i % len(words)]}".strip(), i + 1
+        out.write_text(text)
+    return out
+
+
+def weight_bytes(model: Path) -> int:
+    return sum(f.stat().st_size for f in model.glob("*.safetensors"))
+
+
+def bound_note(ctx: Ctx, model: Path) -> str:
+    """Decode's memory-bandwidth bound: each token reads every weight byte once."""
+    bw = ctx.bandwidth()
+    return (f"bandwidth bound {bw / weight_bytes(model):.1f} tok/s "
+            f"({weight_bytes(model) / 1e6:.0f} MB of weights / {bw / 1e9:.1f} GB/s copy bandwidth)")
+
+
+@row("serve")
+def _serve(ctx: Ctx) -> Row:
+    """One request to a real ``optiq serve`` on the quant: prefill of the 256-token prompt,
+    then GEN_TOKENS decoded (benchmarks/serve_once.py prints the usage as JSON)."""
+    q = ctx.quant()
+    log = ctx.workdir / f"{ctx.shape}-serve.log"
+
+    def notes(r: dict) -> str:
+        lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")] if log.exists() else []
+        if r["rc"] != 0 or not lines:
+            return ""
+        u = json.loads(lines[-1])
+        return (f"prompt {u['prompt_tokens']} tokens: prefill {u['prefill_s']:.1f} s; decode "
+                f"{u['decode_tok_s']:.1f} tok/s over {u['completion_tokens']} tokens; {bound_note(ctx, q)}")
+
+    return Row([sys.executable, str(Path(__file__).with_name("serve_once.py")), str(q),
+                "--prompt-file", str(prompt_file(ctx, PROMPT_TOKENS)), "--max-tokens", str(GEN_TOKENS)],
+               notes)
+
+
+def _mlx_lm_generate(ctx: Ctx, name: str, model: Path) -> Row:
+    """Stock ``mlx_lm generate`` (its own timing lines: prompt and generation tokens/s)."""
+    log = ctx.workdir / f"{ctx.shape}-{name}.log"
+
+    def notes(r: dict) -> str:
+        text = log.read_text() if log.exists() else ""
+        p = re.search(r"Prompt: (\d+) tokens, ([\d.]+) tokens-per-sec", text)
+        g = re.search(r"Generation: (\d+) tokens, ([\d.]+) tokens-per-sec", text)
+        if not (p and g):
+            return ""
+        return (f"prompt {p.group(1)} tokens (short: see PEER_PROMPT_TOKENS): prefill "
+                f"{int(p.group(1)) / float(p.group(2)):.1f} s; decode {float(g.group(2)):.2f} tok/s over "
+                f"{g.group(1)} tokens; {bound_note(ctx, model)}")
+
+    prompt = prompt_file(ctx, PEER_PROMPT_TOKENS).read_text()
+    return Row([sys.executable, "-m", "mlx_lm", "generate", "--model", str(model), "--prompt", prompt,
+                "--max-tokens", str(GEN_TOKENS), "--ignore-chat-template"], notes)
+
+
+row("generate_mlx_lm")(lambda ctx: _mlx_lm_generate(ctx, "generate_mlx_lm", ctx.quant()))
+row("generate_mlx_lm_bf16")(lambda ctx: _mlx_lm_generate(ctx, "generate_mlx_lm_bf16", ctx.model))
 
 
 def main() -> None:

@@ -113,3 +113,34 @@ def test_only_absent_kernels_fall_back_quietly(monkeypatch, caplog, missing, war
         assert levels == ({"WARNING"} if warns else {"DEBUG"})
     finally:
         cpu._load_kernels.cache_clear()
+
+
+def test_sliced_dequantized_matmul_equals_whole(monkeypatch):
+    mx.random.seed(0)
+    emb = nn.QuantizedEmbedding.from_embedding(nn.Embedding(1000, 128), group_size=64, bits=4)
+    emb.__class__ = cpu.CPUQuantizedEmbedding
+    cpu.cast_floats(emb)
+    x = mx.random.normal((2, 7, 128))
+    whole = emb.as_linear(x)
+    monkeypatch.setattr(cpu, "DEQUANT_SLICE_BYTES", 300 * 128 * 4)  # 4 slices, the last short
+    with cpu.dequantize_in_slices():
+        sliced = emb.as_linear(x)
+    assert sliced.shape == whole.shape == (2, 7, 1000)
+    assert mx.allclose(sliced, whole, rtol=1e-5, atol=1e-5).item()  # GEMM blocking differs by width
+
+
+@pytest.mark.parametrize("padding,bias", [(0, False), (2, True)])
+def test_depthwise_conv_equals_mlx_conv1d(padding, bias):
+    """The CPU path's shifted multiply-adds compute what MLX's conv1d does (1 and many tokens)."""
+    mx.random.seed(1)
+    conv = nn.Conv1d(48, 48, 4, groups=48, padding=padding, bias=bias)
+    if bias:
+        conv.bias = mx.random.normal((48,))
+    fast = nn.Conv1d(48, 48, 4, groups=48, padding=padding, bias=bias)
+    fast.update(conv.parameters())
+    assert cpu.swap_depthwise_convs(fast) == 1 and isinstance(fast, cpu.CPUDepthwiseConv1d)
+    for steps in (4, 37):
+        x = mx.random.normal((2, steps, 48))
+        assert mx.allclose(fast(x), conv(x), rtol=1e-5, atol=1e-5).item()
+    # not depthwise: left to MLX
+    assert cpu.swap_depthwise_convs(nn.Conv1d(8, 16, 3)) == 0

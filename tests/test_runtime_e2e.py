@@ -92,6 +92,21 @@ def test_health_and_reflection(client, server):
     assert desc.package == "optiq.v1"
 
 
+def test_ready_line_reports_the_memory_estimate(client, server, bundled_model_dir):
+    """The ready line says what the CPU's fp32 path costs, as estimated before loading."""
+    from optiq.core.model_io import validate_model_dir
+    from optiq.runtime.config import ServeConfig
+    from optiq.runtime.footprint import estimate
+
+    (ready,) = [line for line in server.log if "listening on" in line]
+    path, config = validate_model_dir(bundled_model_dir)
+    fp = estimate(path, config, ServeConfig(max_context=CONTEXT), cpu=True)
+    expected = fp.describe().split("; limit")[0]
+    assert f"memory: {expected}; limit " in ready
+    assert "in the CPU's fp32 compute path" in expected and "prompt cache" in expected
+    assert ready.endswith("GB available")
+
+
 def test_model_info(client, bundled_model_dir):
     info = client.model_info()
     cfg = json.loads((bundled_model_dir / "config.json").read_text())

@@ -60,6 +60,10 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--prompt-cache-bytes", default=None, metavar="SIZE",
               help="Memory for prompt prefixes kept across requests (e.g. 2GiB; 0: off) "
                    "[1/8 of memory].")
+@click.option("--max-memory", "max_memory_gb", type=float, default=None, metavar="GB",
+              help="Refuse to start when the estimated peak memory (weights as the compute path "
+                   "holds them: fp32 floats on the CPU; cache; prefix cache) is over GB "
+                   "[the memory available].")
 @click.option("--api-key", envvar="OPTIQ_API_KEY", default=None,
               help="Bearer token required on every RPC except health [env OPTIQ_API_KEY].")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -86,6 +90,7 @@ def serve(
     kv_config: Path | None,
     adapters: tuple[str, ...],
     prompt_cache_bytes: str | None,
+    max_memory_gb: float | None,
     api_key: str | None,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -124,6 +129,7 @@ def serve(
         kv_config=kv_config,
         adapters=parse_adapters(adapters),
         prompt_cache_bytes=parse_bytes(prompt_cache_bytes) if prompt_cache_bytes else None,
+        max_memory_gb=max_memory_gb,
         api_key=api_key or None,
         tls_cert=tls_cert,
         tls_key=tls_key,
@@ -141,7 +147,7 @@ def serve(
         click.echo(
             f"optiq serve: listening on {server.address} ({scheme}{auth}){http}; model {s.model_id} "
             f"({s.architecture}, {s.quant_summary}); max concurrency {max_concurrency}; "
-            f"compute: {describe_compute(compute_summary())}",
+            f"compute: {describe_compute(compute_summary())}; memory: {server.footprint.describe()}",
             err=True,
         )
         sys.stderr.flush()

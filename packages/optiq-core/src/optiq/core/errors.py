@@ -23,3 +23,7 @@ class MlxLmIncompatible(OptiQError):
 
 class PatchConflict(OptiQError):
     """Two different OptiQ replacements were asked for the same mlx-lm attribute at once."""
+
+
+class MemoryBudgetError(ConfigError):
+    """The estimated peak memory of a run is over what is available (or ``--max-memory``)."""

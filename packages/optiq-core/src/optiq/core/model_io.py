@@ -232,12 +232,16 @@ def load_model(
 
     ``fast_cpu`` (default) applies OptiQ's CPU layer path when MLX runs on the CPU:
     fp32 compute, and dequantize + GEMM for multi-row inputs (see :mod:`optiq.core.cpu`).
+    The weights are read lazily and (unless ``lazy``) evaluated one tensor at a time, so
+    the CPU path's fp32 cast holds one tensor twice, never the whole model.
     """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
     from mlx_lm.utils import load as mlx_load
 
     path, config = validate_model_dir(model)
     try:
-        m, tok = mlx_load(str(path), lazy=lazy)
+        m, tok = mlx_load(str(path), lazy=True)
     except Exception as e:  # mlx-lm raises many kinds; the user needs one line
         raise ModelLoadError(f"could not load {path}: {type(e).__name__}: {e}") from None
     if len(tok.vocab) == 0 if hasattr(tok, "vocab") else False:
@@ -246,4 +250,7 @@ def load_model(
         from .cpu import prepare_for_cpu
 
         prepare_for_cpu(m)
+    if not lazy:
+        for _, p in tree_flatten(m.parameters()):
+            mx.eval(p)
     return LoadedModel(model=m, tokenizer=tok, config=config, path=path)

@@ -91,6 +91,8 @@ class ServeConfig:
     prefill_step_size: int = 512
     # Prefix-cache budget in bytes (None: a fraction of memory; 0: no prefix cache).
     prompt_cache_bytes: int | None = None
+    # Cap on the server's estimated peak memory (None: the memory available at start).
+    max_memory_gb: float | None = None
 
     def check(self) -> None:
         """Refuse unsafe or inconsistent settings before anything is loaded."""
@@ -118,6 +120,8 @@ class ServeConfig:
             raise ConfigError("--max-context must be at least 2 (one prompt + one new token)")
         if self.prompt_cache_bytes is not None and self.prompt_cache_bytes < 0:
             raise ConfigError("--prompt-cache-bytes must be >= 0 (0 turns the prefix cache off)")
+        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
+            raise ConfigError("--max-memory must be a positive number of GB")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError("--max-tokens must be at least 1")
         if self.temperature is not None and self.temperature < 0:
@@ -127,6 +131,15 @@ class ServeConfig:
         for name, d in self.adapters.items():
             if not Path(d).is_dir():
                 raise ConfigError(f"adapter '{name}': {d} is not a directory")
+
+    def prompt_cache_budget(self) -> int | None:
+        """The prefix cache's bytes: as given, else its default share of ``max_memory_gb``
+        when that is set, else None (the engine's default share of the machine's memory)."""
+        if self.prompt_cache_bytes is not None or self.max_memory_gb is None:
+            return self.prompt_cache_bytes
+        from .prefix_cache import DEFAULT_FRACTION
+
+        return int(self.max_memory_gb * (1 << 30) * DEFAULT_FRACTION)
 
     def defaults(self, model_dir: Path) -> Defaults:
         d = read_generation_config(model_dir)

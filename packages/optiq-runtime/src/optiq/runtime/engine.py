@@ -22,6 +22,7 @@ message resumes from that message.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import queue
@@ -339,8 +340,19 @@ class Engine:
 
     # ----------------------------------------------------------- engine thread
     def _main(self) -> None:
+        from optiq.core.cpu import dequantize_in_slices
+
+        with contextlib.ExitStack() as held, dequantize_in_slices():  # prefill: one weight slice at a time
+            self._serve(held)
+
+    def _serve(self, held: contextlib.ExitStack) -> None:
+        from optiq.core.quant.gdn import fast_gated_delta
+
         try:
             loaded = self._loader()
+            # the model's mlx-lm module is imported now: its Gated DeltaNet prefill (one
+            # unpadded sequence) runs chunked on the CPU; decode and masked batches stay stock
+            held.enter_context(fast_gated_delta())
         except BaseException as e:  # reported by wait_ready
             self.load_error = e
             self._ready.set()

@@ -56,21 +56,26 @@ class GenerationServer:
         config: ServeConfig,
         loader: Callable[[], LoadedEngineModel] | None = None,
     ):
+        from optiq.core.cpu import on_cpu
         from optiq.core.model_io import validate_model_dir
 
         from . import __version__
+        from .footprint import estimate
         from .loader import make_loader
 
         config.check()
         self.config = config
-        self.model_dir, _ = validate_model_dir(config.model)
+        self.model_dir, model_config = validate_model_dir(config.model)
+        # before anything is allocated: refuse a model that will not fit (MemoryBudgetError)
+        self.footprint = estimate(self.model_dir, model_config, config, cpu=on_cpu())
+        self.footprint.check()
         self.defaults = config.defaults(self.model_dir)
         self.engine = Engine(
             loader or make_loader(config, self.model_dir),
             max_concurrency=config.max_concurrency,
             max_queue=config.max_queue,
             prefill_step_size=config.prefill_step_size,
-            prompt_cache_bytes=config.prompt_cache_bytes,
+            prompt_cache_bytes=config.prompt_cache_budget(),
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._set_health(NOT_SERVING)

@@ -9,38 +9,23 @@ with one line naming the estimate and what to change.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..errors import ConfigError
+from ..errors import MemoryBudgetError
+from ..memory import BASE_BYTES, GB, describe_parts, memory_limit
 from .blocks import BlockModel
 from .options import ConvertOptions
 from .source import CHUNK_ELEMENTS
 from .states import BoundaryStates
 from .targets import Target
 
-GB = 1 << 30
-# Python, MLX, the tokenizer and the lazy model skeleton (measured: ~0.45 GB on Linux).
-BASE_BYTES = 600 << 20
 # Block inputs are written to disk when they would take more than this share of the limit.
 SPILL_SHARE = 0.25
 # [n, n] fp64 arrays alive at once while GPTQ inverts a Hessian (rounding._gptq_inverse).
 GPTQ_INVERSE_COPIES = 7
-
-
-def available_bytes() -> int:
-    """Memory available to this process now (Linux: MemAvailable; else 80% of RAM)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
 
 
 @dataclass
@@ -51,9 +36,8 @@ class MemoryPlan:
     spill: bool  # block inputs live on disk
 
     def describe(self) -> str:
-        top = ", ".join(f"{k} {v / GB:.2f}" for k, v in sorted(self.parts.items(), key=lambda kv: -kv[1]) if v >= 1 << 20)
         spill = "; block inputs on disk" if self.spill else ""
-        return f"about {self.peak / GB:.2f} GB peak ({top} GB){spill}; limit {self.limit / GB:.2f} GB"
+        return f"about {self.peak / GB:.2f} GB peak ({describe_parts(self.parts)}){spill}; limit {self.limit / GB:.2f} GB"
 
 
 def _sizes(bm: BlockModel) -> tuple[list[int], int, int, int, int]:
@@ -67,7 +51,7 @@ def _sizes(bm: BlockModel) -> tuple[list[int], int, int, int, int]:
 
 def plan_memory(bm: BlockModel, active: list[Target], opts: ConvertOptions, n_tokens: int) -> MemoryPlan:
     """Estimate the peak of this convert (see module doc) and check it against the limit."""
-    limit = int(opts.max_memory_gb * GB) if opts.max_memory_gb is not None else available_bytes()
+    limit = memory_limit(opts.max_memory_gb)
     per_block, V, H, s, total = _sizes(bm)
     n = len(opts.candidate_bits)
     L = len(per_block)
@@ -115,7 +99,7 @@ def plan_memory(bm: BlockModel, active: list[Target], opts: ConvertOptions, n_to
     peak = int(sum(parts.values()))
     plan = MemoryPlan(parts=parts, peak=peak, limit=limit, spill=spill)
     if peak > limit:
-        raise ConfigError(_advice(plan, opts))
+        raise MemoryBudgetError(_advice(plan, opts))
     return plan
 
 
