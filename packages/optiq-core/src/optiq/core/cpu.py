@@ -158,6 +158,40 @@ def _rows(x: mx.array) -> int:
     return x.size // x.shape[-1] if x.ndim else 1
 
 
+def _dequantized(layer: nn.Module, after: mx.array) -> mx.array:
+    """The layer's weight dequantized to ``after``'s dtype, computed only once ``after`` is.
+
+    Without the dependency MLX may schedule every layer's dequantize (their inputs are
+    all ready) before the first product runs, holding all of them in fp32 at once.
+    """
+    w, scales, biases = mx.depends([layer["weight"], layer["scales"], layer.get("biases", layer["scales"])], [after])
+    return mx.dequantize(
+        w, scales, biases if "biases" in layer else None,
+        group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+    ).astype(after.dtype)
+
+
+def dequantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
+    """``x @ W^T`` for a quantized layer: dequantize + GEMM, with a backward pass that
+    dequantizes again instead of keeping the fp32 ``W`` from the forward pass.
+
+    A training step through N blocks would otherwise hold N blocks of fp32 weights until
+    the backward pass reaches them (1.1 GB at 0.8B); this way one is alive at a time.
+    Differentiable in ``x`` only: the packed weights are frozen (gradients to them are
+    zero; OptiQ trains adapters beside them, never the packed weights).
+    """
+
+    @mx.custom_function
+    def matmul(x):
+        return x @ _dequantized(layer, x).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        return (cotangent @ _dequantized(layer, cotangent),)
+
+    return matmul(x)
+
+
 class CPUQuantizedLinear(nn.QuantizedLinear):
     """QuantizedLinear that dequantizes for multi-row inputs (optiq-kernels for a few rows)."""
 
@@ -167,15 +201,7 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
             if y is None:
                 return super().__call__(x)
             return y + self["bias"] if "bias" in self else y
-        w = mx.dequantize(
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        ).astype(x.dtype)
-        y = x @ w.T
+        y = dequantized_matmul(self, x)
         if "bias" in self:
             y = y + self["bias"]
         return y

@@ -18,7 +18,7 @@ from .adapters import ADAPTER_CONFIG, apply_plan, build_config, trainable_parame
 from .data import load_data_dir
 from .ranks import REFERENCE_BITS, RankPlan, plan_ranks, read_quant_info
 from .targets import TargetSelection, find_targets
-from .trainer import TrainArgs, TrainResult, list_checkpoints, train
+from .trainer import TrainArgs, TrainResult, list_checkpoints, train, training_head
 
 
 @dataclass
@@ -185,6 +185,10 @@ def train_lora(opts: LoraOptions, echo: Callable[[str], None] = print, reporter=
     n = trainable_parameter_count(lm.model)
     if n != plan.trainable_parameters:  # the wrapped model must hold exactly the planned factors
         raise ConfigError(f"internal: planned {plan.trainable_parameters} trainable parameters, model has {n}")
+    head = training_head(lm.model, mx.array([list(train_set.records[0].tokens[:4])]))
+    if head is None:
+        echo("note: the model transforms its logits after the output head (or has no single head): "
+             "the loss uses full vocabulary-sized logits (more memory)")
     if not opts.resume:
         _clear_previous_run(Path(opts.output))
         write_config(config, Path(opts.output))
@@ -197,5 +201,6 @@ def train_lora(opts: LoraOptions, echo: Callable[[str], None] = print, reporter=
         resume=opts.resume,
         reporter=reporter,
         blocks=blocks,
+        head=head,
     )
     return result
