@@ -50,24 +50,29 @@ class OutputHead:
     def vocab(self) -> int:
         return int(self.module["weight"].shape[0])
 
-    def rows(self, start: int, stop: int) -> mx.array:
-        """Rows ``start:stop`` of the head's weight in fp32 (dequantized if packed)."""
-        return self._dequantize(lambda a: a[start:stop])
+    def rows(self, start: int, stop: int, after: mx.array | None = None) -> mx.array:
+        """Rows ``start:stop`` of the head's weight in fp32 (dequantized if packed),
+        computed only once ``after`` is (so slices are not all scheduled at once)."""
+        return self._dequantize(lambda a: a[start:stop], after)
 
     def gather(self, ids: mx.array) -> mx.array:
         """The fp32 rows of token ``ids`` [N]."""
-        return self._dequantize(lambda a: a[ids])
+        return self._dequantize(lambda a: a[ids], ids)
 
     def bias(self) -> mx.array | None:
         return self.module["bias"].astype(mx.float32) if "bias" in self.module else None
 
-    def _dequantize(self, take) -> mx.array:
+    def _dequantize(self, take, after: mx.array | None) -> mx.array:
         m = self.module
-        if "scales" not in m:
-            return take(m["weight"]).astype(mx.float32)
-        biases = m.get("biases")
+        names = [n for n in ("weight", "scales", "biases") if n in m]
+        parts = [take(m[n]) for n in names]
+        if after is not None:
+            parts = mx.depends(parts, [after])
+        p = dict(zip(names, parts))
+        if "scales" not in p:
+            return p["weight"].astype(mx.float32)
         return mx.dequantize(
-            take(m["weight"]), take(m["scales"]), None if biases is None else take(biases),
+            p["weight"], p["scales"], p.get("biases"),
             group_size=m.group_size, bits=m.bits, mode=getattr(m, "mode", "affine"),
         ).astype(mx.float32)
 
@@ -145,7 +150,7 @@ def _pass(h: mx.array, head: OutputHead, targets: mx.array, budget: int, grad: b
     s = mx.zeros((n,), dtype=mx.float32)
     acc = mx.zeros(h.shape, dtype=mx.float32) if grad else None
     for v0, v1 in _slices(n, head, budget):
-        w = head.rows(v0, v1)
+        w = head.rows(v0, v1, after=m)  # after the previous slice: one slice alive at a time
         z = h @ w.T
         if bias is not None:
             z = z + bias[v0:v1]
@@ -156,7 +161,6 @@ def _pass(h: mx.array, head: OutputHead, targets: mx.array, budget: int, grad: b
         if grad:
             acc = acc * r[:, None] + e @ w
         m = m_new
-        mx.eval(m, s, *([acc] if grad else []))  # one slice's temporaries at a time
     w_t = head.gather(targets)
     z_t = (h * w_t).sum(axis=1) + (bias[targets] if bias is not None else 0.0)
     ce = m + mx.log(s) - z_t

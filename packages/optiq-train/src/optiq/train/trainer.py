@@ -239,6 +239,31 @@ def fast_gdn_context() -> contextlib.AbstractContextManager:
     return fast_gated_delta()
 
 
+def training_context(args: TrainArgs, blocks: list[nn.Module] | None) -> contextlib.ExitStack:
+    """What a training step runs inside: grad checkpointing (if asked), fast Gated DeltaNet."""
+    ctx = contextlib.ExitStack()
+    if args.grad_checkpoint and blocks:
+        ctx.enter_context(grad_checkpointing(blocks))
+    if args.fast_gdn:
+        ctx.enter_context(fast_gdn_context())
+    return ctx
+
+
+def make_step(model: nn.Module, optimizer: optim.Optimizer, head: OutputHead | None,
+              compile: bool = False) -> tuple[Callable, list]:
+    """``step(inputs, targets, mask) -> (loss, ntoks)``: one update of the trainable
+    parameters; and the state to ``mx.eval`` after it."""
+    loss_value_and_grad = nn.value_and_grad(model, partial(loss_fn, head=head))
+    captured = [model.state, optimizer.state, mx.random.state]
+
+    def step(inputs, targets, mask):
+        (loss, ntoks), grads = loss_value_and_grad(model, inputs, targets, mask)
+        optimizer.update(model, grads)
+        return loss, ntoks
+
+    return (partial(mx.compile, inputs=captured, outputs=captured)(step) if compile else step), captured
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 
@@ -373,15 +398,7 @@ def train(
     else:
         optimizer.init(model.trainable_parameters())
 
-    loss_value_and_grad = nn.value_and_grad(model, partial(loss_fn, head=head))
-    captured = [model.state, optimizer.state, mx.random.state]
-
-    def _step(inputs, targets, mask):
-        (loss, ntoks), grads = loss_value_and_grad(model, inputs, targets, mask)
-        optimizer.update(model, grads)
-        return loss, ntoks
-
-    step_fn = partial(mx.compile, inputs=captured, outputs=captured)(_step) if args.compile else _step
+    step_fn, captured = make_step(model, optimizer, head, args.compile)
     extra = {"train_records": len(train_set), "valid_records": len(valid_set) if valid_set else 0}
 
     def validate(step: int) -> None:
@@ -404,11 +421,7 @@ def train(
 
     mx.reset_peak_memory()
     model.train()
-    ctx = contextlib.ExitStack()
-    if args.grad_checkpoint and blocks:
-        ctx.enter_context(grad_checkpointing(blocks))
-    if args.fast_gdn:
-        ctx.enter_context(fast_gdn_context())
+    ctx = training_context(args, blocks)
     window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
     saved_step = state.step
     pending = state.step  # last step whose update was issued
