@@ -11,6 +11,8 @@ from test_lora_train import _cli
 
 from optiq.train.ceiling import MARGIN, CeilingRow, predict
 
+pytestmark = pytest.mark.slow
+
 GB = 10**9
 
 
