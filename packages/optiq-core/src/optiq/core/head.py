@@ -96,15 +96,15 @@ def find_head(model: nn.Module) -> OutputHead | None:
 
 
 @contextlib.contextmanager
-def catching_input(head: OutputHead) -> Iterator[None]:
-    """Inside, calling the head raises :class:`Intercepted` with its input."""
+def catching_input(module: nn.Module, tied: bool) -> Iterator[None]:
+    """Inside, calling the head ``module`` (``as_linear`` if ``tied``) raises
+    :class:`Intercepted` with its input."""
 
     def stop(self_, x, *a, **kw):
         raise Intercepted(x)
 
-    module = head.module
     cls = type(module)
-    attrs: dict[str, Any] = {"as_linear" if head.tied else "__call__": stop}
+    attrs: dict[str, Any] = {"as_linear" if tied else "__call__": stop}
     module.__class__ = type(f"HeadIn{cls.__name__}", (cls,), attrs)
     try:
         yield
@@ -114,7 +114,7 @@ def catching_input(head: OutputHead) -> Iterator[None]:
 
 def head_input(model: nn.Module, head: OutputHead, *args, **kwargs) -> mx.array:
     """The head's input for ``model(*args, **kwargs)`` (differentiable): nothing after it runs."""
-    with catching_input(head):
+    with catching_input(head.module, head.tied):
         try:
             model(*args, **kwargs)
         except Intercepted as s:

@@ -27,18 +27,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..architecture import decoder_layers
 from ..errors import ModelLoadError
+from ..head import Intercepted, catching_input
 from .gdn import fast_gated_delta
 from .hooks import call_hooks, replay_layers
 from .source import WeightSource
 from .targets import Target, get_module
-
-
-class _Stop(Exception):
-    """Raised inside a forward pass to hand one intermediate value out of it."""
-
-    def __init__(self, value: mx.array):
-        super().__init__("stop")
-        self.value = value
 
 
 @contextlib.contextmanager
@@ -139,7 +132,7 @@ class BlockModel:
         cls = type(layer)
 
         def call(self_, x, *args, **kwargs):
-            raise _Stop(cls.__call__(self_, h, *args, **kwargs))
+            raise Intercepted(cls.__call__(self_, h, *args, **kwargs))
 
         with replay_layers(self.layers[:k], [h] * k), _swap_call(layer, call, "Block"):
             return self._run(tokens, hooks)
@@ -148,7 +141,7 @@ class BlockModel:
         """Block 0's input (the embedding output, after any scaling the model applies)."""
 
         def call(self_, x, *args, **kwargs):
-            raise _Stop(x)
+            raise Intercepted(x)
 
         with _swap_call(self.layers[0], call, "Entry"):
             return self._run(tokens, hooks)
@@ -156,25 +149,8 @@ class BlockModel:
     def head_input(self, tokens: mx.array, h: mx.array) -> mx.array:
         """The head's input (final norm of the last block's output ``h``), differentiable in ``h``."""
         head = get_module(self.model, self.head.path)
-
-        cls = type(head)
-        attrs: dict[str, Any] = {}
-        if self.head.tied:
-            def as_linear(self_, x):
-                raise _Stop(x)
-
-            attrs["as_linear"] = as_linear
-        else:
-            def __call__(self_, x, *a, **kw):
-                raise _Stop(x)
-
-            attrs["__call__"] = __call__
-        head.__class__ = type(f"HeadIn{cls.__name__}", (cls,), attrs)
-        try:
-            with replay_layers(self.layers, [h] * len(self.layers)):
-                return self._run(tokens, None)
-        finally:
-            head.__class__ = cls
+        with catching_input(head, self.head.tied), replay_layers(self.layers, [h] * len(self.layers)):
+            return self._run(tokens, None)
 
     def logits_from(self, tokens: mx.array, h: mx.array) -> mx.array:
         """The model's own logits from the last block's output ``h`` (head must be materialized)."""
@@ -185,7 +161,7 @@ class BlockModel:
         with fast_gated_delta(), call_hooks(hooks or {}):
             try:
                 self.model(tokens)
-            except _Stop as s:
+            except Intercepted as s:
                 return s.value
         raise ModelLoadError(f"{type(self.model).__name__}: the forward pass never reached the expected layer")
 
