@@ -177,9 +177,15 @@ def training_head(model: nn.Module, tokens: mx.array) -> OutputHead | None:
     """The output head for the chunked loss, or None when the model has no single head or
     transforms its logits after it (soft-capping...): then full logits are computed."""
     head = find_head(model)
-    if head is None or not is_plain_head(model, head, tokens[:1, :4]):
+    if head is None:
         return None
-    return head
+    was_training = model.training
+    model.eval()  # no dropout: the check compares two forward passes
+    try:
+        return head if is_plain_head(model, head, tokens[:1, :4]) else None
+    finally:
+        if was_training:
+            model.train()
 
 
 def _arrays(batch: Batch) -> tuple[mx.array, mx.array, mx.array]:
