@@ -156,12 +156,16 @@ def measure_ceiling(
     for line in result.lines()[:2]:
         echo(line)
     with training_context(args, blocks):
-        run(min(start, 32))  # warm-up: first-call costs out of the first row
+        # warm-up (first-call costs out of the first row); its peak is a measured point too,
+        # so the first extrapolation has two points (a length-independent part shows as a
+        # low power) instead of assuming quadratic growth
+        warm = run(min(start, 32))
         for i, length in enumerate(lengths):
             if result.rows:
-                predicted = predict(result.rows, fixed, length)
+                points = [warm] + result.rows
+                predicted = predict(points, fixed, length)
                 if predicted > budget:
-                    refined = _fits_up_to(result.rows, fixed, budget)
+                    refined = _fits_up_to(points, fixed, budget)
                     result.stopped = (f"{length} tokens predicted to peak at {predicted / 1e9:.2f} GB")
                     if refined > result.rows[-1].length * 1.1:
                         row = run(refined)
