@@ -23,7 +23,11 @@ generation on the 4-bit quant: ``serve`` (one request to
 ``generate_mlx_lm`` (``mlx_lm generate`` on the quant) and ``generate_mlx_lm_bf16`` (on
 the bf16 model), both with a 16-token prompt (stock mlx-lm's CPU prefill of 256 tokens
 took over 15 minutes); their notes give prefill s, decode tok/s and the decode's
-memory-bandwidth bound (weight bytes / the copy bandwidth measured in the run).
+memory-bandwidth bound (weight bytes / the copy bandwidth measured in the run);
+``lora`` / ``lora_mlx_lm`` (5 LoRA steps on the 4-bit quant,
+batch 1, rank 8 on q_proj/v_proj of the last 16 blocks, ~120-token records cut from the
+bundled calibration text; ``mlx_lm lora`` stopped after 7 minutes), ``lora_plan`` (the
+training ceiling map up to 1024 tokens under 6 GB).
 
 For the optiq rows it also prints the memory plan's estimate (``memory_plan_bytes``)
 beside the measured peak, the time of each stage, and the sensitivity pass against its
@@ -178,21 +182,25 @@ def forward_flops(cfg: dict, tokens: int) -> float:
     return 2.0 * tokens * (sum(layer_params(cfg)) + cfg["vocab_size"] * cfg["hidden_size"])
 
 
-def run(cmd: list[str], cap: int, log: Path) -> dict:
+def run(cmd: list[str], cap: int, log: Path, timeout: float | None = None) -> dict:
     t0, cpu0 = time.monotonic(), _children_cpu()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        peak, killed = 0, False
+        peak, killed, timed_out = 0, False, False
         while proc.poll() is None:
             peak = max(peak, tree_rss(proc.pid))
             if peak > cap:
                 proc.kill()
                 killed = True
                 break
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                proc.kill()
+                timed_out = True
+                break
             time.sleep(0.1)
         rc = proc.wait()
     # CPU seconds of the row's process tree: on a shared machine wall time also counts waiting
-    return dict(seconds=time.monotonic() - t0, cpu=_children_cpu() - cpu0, peak=peak, rc=rc, killed=killed)
+    return dict(seconds=time.monotonic() - t0, cpu=_children_cpu() - cpu0, peak=peak, rc=rc, killed=killed, timed_out=timed_out, log=log)
 
 
 @dataclass
@@ -237,6 +245,7 @@ class Row:
 
     cmd: list[str]
     notes: Callable[[dict], str] = lambda result: ""
+    timeout: float | None = None  # seconds; the row is stopped there and reported as such
 
 
 ROWS: dict[str, Callable[[Ctx], Row]] = {}
@@ -306,8 +315,6 @@ def _eval(ctx: Ctx) -> Row:
     """``optiq eval QUANT --reference MODEL`` on the bundled held-out text (7,680 tokens)."""
 
     def notes(r: dict) -> str:
-        import re
-
         text = _log_text(ctx, "eval")
         got = dict(re.findall(r"^(perplexity|mean KL|reference):\s+(.*)$", text, re.M))
         tokens = re.search(r"\((\d+) tokens, windows", text)
@@ -461,6 +468,90 @@ row("generate_mlx_lm")(lambda ctx: _mlx_lm_generate(ctx, "generate_mlx_lm", ctx.
 row("generate_mlx_lm_bf16")(lambda ctx: _mlx_lm_generate(ctx, "generate_mlx_lm_bf16", ctx.model))
 
 
+# ------------------------------------------------------------------ LoRA rows
+LORA_STEPS = 5
+LORA_TOKENS = 120  # tokens per record (EOS included)
+LORA_TIMEOUT = 420.0  # mlx_lm.lora on the CPU: one step took over 20 minutes here
+
+
+def lora_data(ctx: Ctx) -> Path:
+    """``train.jsonl`` of ~120-token text records cut from the bundled calibration text
+    (tokenized with the model's tokenizer), written once into the work dir."""
+    out = ctx.workdir / "lora-data"
+    if (out / "train.jsonl").exists():
+        return out
+    from transformers import AutoTokenizer
+
+    from optiq.core.calibration import BUNDLED_CALIBRATION, load_records, render_record
+
+    tok = AutoTokenizer.from_pretrained(str(ctx.quant()))
+    ids = [t for r in load_records(BUNDLED_CALIBRATION) for t in tok.encode(render_record(r, tok))]
+    n = LORA_TOKENS - 2  # the trainers append EOS; the tokenizer may merge at a cut
+    texts = [tok.decode(ids[i:i + n]) for i in range(0, len(ids) - n, n)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return out
+
+
+LORA_SETTINGS = ["--batch-size", "1", "--num-layers", "16", "--iters", str(LORA_STEPS), "--learning-rate", "1e-5"]
+
+
+@row("lora")
+def _lora(ctx: Ctx) -> Row:
+    out = ctx.out("lora")
+    cmd = OPTIQ + ["lora", "train", str(ctx.quant()), "--data", str(lora_data(ctx)), "-o", str(out),
+                   "--rank", "8", "--target-modules", "q_proj,v_proj", *LORA_SETTINGS,
+                   "--steps-per-report", "1", "--quiet"]
+
+    def notes(r: dict) -> str:
+        state = out / "trainer_state.json"
+        if not state.exists():
+            return ""
+        st = json.loads(state.read_text())
+        return (f"{st['step']} steps, {st['tokens_per_second']:.1f} tok/s, "
+                f"peak MLX {st['peak_memory_gb']:.2f} GB, {st['trained_tokens']} tokens in {st['train_seconds']:.0f} s")
+
+    return Row(cmd, notes)
+
+
+@row("lora_mlx_lm")
+def _lora_mlx_lm(ctx: Ctx) -> Row:
+    """``mlx_lm lora --train`` with the same settings (rank 8 on q_proj/v_proj via a config)."""
+    out = ctx.out("lora_mlx_lm")
+    out.mkdir(parents=True)
+    cfg = out / "lora.yaml"
+    cfg.write_text("lora_parameters:\n  rank: 8\n  scale: 20.0\n  dropout: 0.0\n"
+                   '  keys: ["self_attn.q_proj", "self_attn.v_proj"]\n')
+    cmd = [sys.executable, "-m", "mlx_lm", "lora", "--train", "--model", str(ctx.quant()),
+           "--data", str(lora_data(ctx)), "--adapter-path", str(out), "-c", str(cfg), *LORA_SETTINGS,
+           "--steps-per-report", "1", "--max-seq-length", "2048"]
+
+    def notes(r: dict) -> str:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", Path(r["log"]).read_text(errors="replace"))
+        steps = re.findall(r"^\s*(\d+)\s+[\d.]+\s+\S+\s+([\d,.]+)\s+([\d.]+)k", text, re.M)
+        if not steps:
+            return f"no step finished in {r['seconds']:.0f} s (< {LORA_TOKENS / r['seconds']:.2f} tok/s)"
+        rates = [float(s[1].replace(",", "")) for s in steps]
+        return f"{len(steps)} steps, {sum(rates) / len(rates):.1f} tok/s (mean of its per-step reports)"
+
+    return Row(cmd, notes, timeout=LORA_TIMEOUT)
+
+
+@row("lora_plan")
+def _lora_plan(ctx: Ctx) -> Row:
+    """The training ceiling map up to 1024 tokens, under 6 GB."""
+    cmd = OPTIQ + ["lora", "train", str(ctx.quant()), "--plan", "--max-memory", "6", "--max-seq-length", "1024",
+                   "--rank", "8", "--num-layers", "16", "--batch-size", "1"]
+
+    def notes(r: dict) -> str:
+        text = Path(r["log"]).read_text(errors="replace")
+        rows = re.findall(r"^ +(\d+) +([\d.]+) +([\d.]+) +([\d.]+) ", text, re.M)
+        best = re.search(r"longest sequence length under .*", text)
+        return "; ".join([f"{n}: {p} GB, {t} tok/s" for n, _, p, t in rows] + ([best[0]] if best else []))
+
+    return Row(cmd, notes)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="0.8b")
@@ -489,8 +580,9 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for name in args.rows.split(","):
         spec = ROWS[name](ctx)
-        r = run(spec.cmd, ctx.cap, args.workdir / f"{args.shape}-{name}.log")
-        what = f"killed at the {args.cap_gb:g} GB cap" if r["killed"] else ("ok" if r["rc"] == 0 else f"exit {r['rc']}")
+        r = run(spec.cmd, ctx.cap, args.workdir / f"{args.shape}-{name}.log", spec.timeout)
+        what = (f"killed at the {args.cap_gb:g} GB cap" if r["killed"] else
+                f"stopped at {spec.timeout:g} s" if r["timed_out"] else ("ok" if r["rc"] == 0 else f"exit {r['rc']}"))
         print(f"| {name} | {r['seconds']:.1f} | {r['peak'] / 2**30:.2f} | {what} | {spec.notes(r)} |", flush=True)
 
 

@@ -29,6 +29,42 @@ def test_quantized_linear_matches_mlx(rows, bits):
     assert mx.allclose(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_dequantized_matmul_gradient_and_memory():
+    """Same gradient in x as autodiff through dequantize + matmul, without keeping every
+    layer's fp32 weight from the forward pass to the backward one."""
+    mx.random.seed(0)
+    layers = [nn.QuantizedLinear.from_linear(nn.Linear(512, 512), 64, 4) for _ in range(16)]
+    x0 = mx.random.normal((16, 512))
+    mx.eval([lay.parameters() for lay in layers], x0)
+
+    def plain(x):
+        for lay in layers:
+            w = mx.dequantize(lay["weight"], lay["scales"], lay["biases"], group_size=64, bits=4)
+            x = mx.tanh(x @ w.T)
+        return x.sum()
+
+    def ours(x):
+        for lay in layers:
+            x = mx.tanh(cpu.dequantized_matmul(lay, x))
+        return x.sum()
+
+    peaks = []
+    for f in (plain, ours):
+        mx.eval(x0)
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        loss, g = mx.value_and_grad(f)(x0)
+        mx.eval(loss, g)
+        peaks.append(mx.get_peak_memory() - base)
+        if f is plain:
+            ref = (loss, g)
+    assert abs(loss.item() - ref[0].item()) < 1e-3
+    assert mx.allclose(g, ref[1], atol=1e-4, rtol=1e-4)
+    w_bytes = 512 * 512 * 4
+    assert peaks[0] > 14 * w_bytes  # autodiff keeps all sixteen fp32 weights
+    assert peaks[1] < 7 * w_bytes  # ours: a few at a time, however many layers
+
+
 def test_quantized_embedding_as_linear_matches():
     emb = nn.QuantizedEmbedding.from_embedding(nn.Embedding(256, 128), 64, 4)
     x = mx.random.normal((1, 32, 128))

@@ -80,7 +80,9 @@ def test_train_lowers_loss_and_writes_adapter(mixed_dir, data_dir, tmp_path):
 
 def test_resume_continues_exactly(mixed_dir, data_dir, tmp_path):
     straight = tmp_path / "straight"
-    train_lora(_opts(mixed_dir, data_dir, straight, iters=4, dropout=0.1), echo=lambda s: None)
+    lines = []
+    train_lora(_opts(mixed_dir, data_dir, straight, iters=4, dropout=0.1), echo=lines.append)
+    assert not [x for x in lines if "full vocabulary-sized logits" in x]  # the chunked loss, dropout or not
     split = tmp_path / "split"
     train_lora(_opts(mixed_dir, data_dir, split, iters=2, dropout=0.1), echo=lambda s: None)
     with pytest.raises(ConfigError, match="--resume"):  # never clobbers silently

@@ -18,8 +18,9 @@ def lora() -> None:
 
 @lora.command("train")
 @model_argument
-@click.option("--data", "data", required=True, type=click.Path(path_type=Path),
-              help="Directory with train.jsonl (and valid.jsonl): {text}, {messages} or {prompt, completion} records.")
+@click.option("--data", "data", default=None, type=click.Path(path_type=Path),
+              help="Directory with train.jsonl (and valid.jsonl): {text}, {messages} or {prompt, completion} "
+                   "records. Required, except with --plan.")
 @click.option("-o", "--output", "output", default="adapters", show_default=True, type=click.Path(path_type=Path),
               help="Adapter directory to write.")
 @click.option("--max-seq-length", default=2048, show_default=True, type=int,
@@ -56,11 +57,17 @@ def lora() -> None:
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="mx.compile the training step (slow to compile for Gated DeltaNet on CPU).")
 @click.option("--dry-run", is_flag=True, help="Print targets, ranks and parameter count, then stop.")
+@click.option("--plan", "plan", is_flag=True,
+              help="Measure the training ceiling map: real steps at doubling sequence lengths up to "
+                   "--max-seq-length, peak memory and tokens/s each; the longest that fits --max-memory. "
+                   "Trains nothing to disk.")
+@click.option("--max-memory", type=float, default=None,
+              help="--plan: memory budget in GB (default: 80%% of the memory available now).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(model, data, output, max_seq_length, long_records, rank, rank_scaling, reference_bits,
               target_modules, num_layers, train_experts, scale, alpha, dropout, learning_rate, batch_size,
               iters, grad_checkpoint, mask_prompt, val_batches, steps_per_eval, steps_per_report,
-              save_every, resume, overwrite, seed, compile_, dry_run, quiet) -> None:
+              save_every, resume, overwrite, seed, compile_, dry_run, plan, max_memory, quiet) -> None:
     """Train a LoRA adapter on MODEL.
 
     MODEL is a local model directory, float or quantized (e.g. by optiq convert), or
@@ -69,7 +76,7 @@ def train_cmd(model, data, output, max_seq_length, long_records, rank, rank_scal
     installed. The model used is printed first.
     """
     import optiq.core  # noqa: F401  (OpenBLAS before MLX)
-    from optiq.train.lora import LoraOptions, train_lora
+    from optiq.train.lora import LoraOptions, plan_lora, train_lora
     from optiq.train.progress import ProgressBar
     from optiq.train.trainer import TrainArgs
 
@@ -107,6 +114,17 @@ def train_cmd(model, data, output, max_seq_length, long_records, rank, rank_scal
             compile=compile_,
         ),
     )
+    if plan:
+        if dry_run:
+            raise click.UsageError("give either --plan or --dry-run")
+        ceiling = plan_lora(opts, None if max_memory is None else max_memory * 1e9, echo=click.echo)
+        for line in ceiling.lines()[2 + len(ceiling.rows):]:  # the rows were printed as measured
+            click.echo(line)
+        return
+    if max_memory is not None:
+        raise click.UsageError("--max-memory is for --plan")
+    if data is None:
+        raise click.UsageError("--data DIR is required (a directory with train.jsonl), except with --plan")
     result = train_lora(opts, echo=click.echo, reporter=ProgressBar(echo=click.echo, disable=quiet))
     if result is None:
         click.echo("dry run: nothing trained")

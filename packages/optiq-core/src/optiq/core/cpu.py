@@ -175,36 +175,55 @@ def _rows(x: mx.array) -> int:
     return x.size // x.shape[-1] if x.ndim else 1
 
 
-def _dequantize(layer: nn.Module, rows: slice, dtype: mx.Dtype) -> mx.array:
+def _dequantize(layer: nn.Module, rows: slice, dtype: mx.Dtype, after: mx.array | None = None) -> mx.array:
+    """Rows ``rows`` of the layer's weight dequantized to ``dtype``; with ``after``, computed
+    only once ``after`` is (else MLX may schedule every layer's dequantize -- their inputs
+    are all ready -- before the first product runs, holding all of them in fp32 at once)."""
+    parts = [layer["weight"][rows], layer["scales"][rows]] + ([layer["biases"][rows]] if "biases" in layer else [])
+    if after is not None:
+        parts = mx.depends(parts, [after])
     return mx.dequantize(
-        layer["weight"][rows],
-        layer["scales"][rows],
-        None if layer.get("biases") is None else layer["biases"][rows],
-        group_size=layer.group_size,
-        bits=layer.bits,
-        mode=layer.mode,
+        parts[0], parts[1], parts[2] if len(parts) > 2 else None,
+        group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
     ).astype(dtype)
 
 
-def _dequantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
-    """``x @ dequantize(W).T`` for many rows: dequantize + GEMM in ``x``'s precision; inside
-    :func:`dequantize_in_slices`, over slices of W's output rows of at most
-    :data:`DEQUANT_SLICE_BYTES` each, evaluated one after the other (MLX's ``dequantize``
-    peaks at twice its output: ~2 slices live at once)."""
+def dequantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
+    """``x @ W^T`` for a quantized layer and many rows: dequantize + GEMM in ``x``'s precision.
+
+    - Inside :func:`keep_dequantized`: the held dense weight.
+    - Inside :func:`dequantize_in_slices` (inference on the engine thread): over slices of
+      W's output rows of at most :data:`DEQUANT_SLICE_BYTES` each, evaluated one after the
+      other (MLX's ``dequantize`` peaks at twice its output: ~2 slices live at once).
+    - Otherwise with a backward pass that dequantizes again instead of keeping the fp32
+      ``W`` from the forward pass: a training step through N blocks would hold N blocks of
+      fp32 weights until the backward pass reaches them (1.1 GB at 0.8B); this way one is
+      alive at a time. Differentiable in ``x`` only: the packed weights are frozen (OptiQ
+      trains adapters beside them, never the packed weights).
+    """
     held = _DENSE.get(id(layer))
     if held is not None:
         return x @ held.astype(x.dtype).T
     out = layer["weight"].shape[0]
     cols = layer["weight"].shape[1] * 32 // layer.bits
     step = max(1, DEQUANT_SLICE_BYTES // (cols * x.dtype.size))
-    if out <= step or not _SLICED[0]:
-        return x @ _dequantize(layer, slice(None), x.dtype).T
-    ys = []
-    for a in range(0, out, step):
-        ys.append(x @ _dequantize(layer, slice(a, a + step), x.dtype).T)
-        if len(ys) > 1:  # keep the graph from dequantizing every slice before the first GEMM
-            mx.eval(ys[-2])
-    return mx.concatenate(ys, axis=-1)
+    if _SLICED[0] and out > step:
+        ys = []
+        for a in range(0, out, step):
+            ys.append(x @ _dequantize(layer, slice(a, a + step), x.dtype).T)
+            if len(ys) > 1:  # keep the graph from dequantizing every slice before the first GEMM
+                mx.eval(ys[-2])
+        return mx.concatenate(ys, axis=-1)
+
+    @mx.custom_function
+    def matmul(x):
+        return x @ _dequantize(layer, slice(None), x.dtype, after=x).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        return (cotangent @ _dequantize(layer, slice(None), cotangent.dtype, after=cotangent),)
+
+    return matmul(x)
 
 
 # id(layer) -> its dequantized weight, while a ``keep_dequantized`` block holds it.
@@ -247,8 +266,10 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
             if y is None:
                 return super().__call__(x)
             return y + self["bias"] if "bias" in self else y
-        y = _dequantized_matmul(self, x)
-        return y + self["bias"] if "bias" in self else y
+        y = dequantized_matmul(self, x)
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
 
 
 class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
@@ -258,7 +279,7 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
         if _rows(x) < DEQUANT_MIN_ROWS:
             y = _kernel_matmul(self, x)
             return super().as_linear(x) if y is None else y
-        return _dequantized_matmul(self, x)
+        return dequantized_matmul(self, x)
 
 
 def _kernel_gather_matmul(layer: nn.Module, x: mx.array, indices: mx.array) -> mx.array | None:

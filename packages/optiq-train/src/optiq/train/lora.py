@@ -10,20 +10,21 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from optiq.core.errors import ConfigError, DataError
 
+from .ceiling import CeilingMap, measure_ceiling
 from .adapters import ADAPTER_CONFIG, apply_plan, build_config, trainable_parameter_count, write_config
 from .data import load_data_dir
 from .ranks import REFERENCE_BITS, RankPlan, plan_ranks, read_quant_info
 from .targets import TargetSelection, find_targets
-from .trainer import TrainArgs, TrainResult, list_checkpoints, train
+from .trainer import TrainArgs, TrainResult, list_checkpoints, train, training_head
 
 
 @dataclass
 class LoraOptions:
-    data: Path
+    data: Path | None
     output: Path
     model: str | Path | None = None  # None: default_model()
     rank: int = 8
@@ -122,17 +123,27 @@ def _clear_previous_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def train_lora(opts: LoraOptions, echo: Callable[[str], None] = print, reporter=None) -> TrainResult | None:
-    """Run a LoRA training as the CLI does; returns None for a dry run."""
-    import mlx.core as mx
+@dataclass
+class _Prepared:
+    lm: Any
+    train_set: Any
+    valid_set: Any
+    plan: RankPlan
+    config: dict
+    blocks: list
 
+
+def _prepare(opts: LoraOptions, echo: Callable[[str], None], need_data: bool = True) -> _Prepared:
+    """Load the model and data, plan the ranks and print them (everything before training)."""
     from optiq.core.architecture import decoder_layers, parameter_count
     from optiq.core.model_io import load_model
 
-    data_dir = Path(opts.data)
-    if not data_dir.is_dir():
+    data_dir = Path(opts.data) if opts.data is not None else None
+    if data_dir is None and need_data:
+        raise DataError("--data DIR is required (a directory with train.jsonl)")
+    if data_dir is not None and not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} does not exist")
-    if not (data_dir / "train.jsonl").exists():
+    if data_dir is not None and not (data_dir / "train.jsonl").exists():
         raise DataError(f"{data_dir} has no train.jsonl (one JSON record per line)")
     if not 0.0 <= opts.dropout < 1.0:
         raise ConfigError(f"--dropout must be in [0, 1), got {opts.dropout}")
@@ -141,16 +152,18 @@ def train_lora(opts: LoraOptions, echo: Callable[[str], None] = print, reporter=
     model, why = (opts.model, "") if opts.model is not None else default_model()
     lm = load_model(model, fast_cpu=True)
     echo(f"model: {lm.path}" + (f" ({why})" if why else ""))
-    train_set, valid_set = load_data_dir(
-        data_dir,
-        lm.tokenizer,
-        max_seq_length=opts.train.max_seq_length,
-        mask_prompt=opts.mask_prompt,
-        long_records=opts.long_records,
-    )
-    echo("data: " + train_set.summary())
-    echo("data: " + (valid_set.summary() if valid_set else "no valid.jsonl: no validation loss; "
-                     "the best adapter is the last one"))
+    train_set = valid_set = None
+    if data_dir is not None:
+        train_set, valid_set = load_data_dir(
+            data_dir,
+            lm.tokenizer,
+            max_seq_length=opts.train.max_seq_length,
+            mask_prompt=opts.mask_prompt,
+            long_records=opts.long_records,
+        )
+        echo("data: " + train_set.summary())
+        echo("data: " + (valid_set.summary() if valid_set else "no valid.jsonl: no validation loss; "
+                         "the best adapter is the last one"))
 
     selection = find_targets(lm.model, opts.target_modules, opts.num_layers, opts.train_experts)
     quant = read_quant_info(lm.path, lm.config)
@@ -176,26 +189,71 @@ def train_lora(opts: LoraOptions, echo: Callable[[str], None] = print, reporter=
         extra={"training": {**asdict(opts.train), "mask_prompt": opts.mask_prompt,
                             "data": str(data_dir), "reference_bits": opts.reference_bits}},
     )
-    if opts.dry_run:
-        return None
-    _check_output(opts, config)
+    return _Prepared(lm, train_set, valid_set, plan, config, blocks)
+
+
+def _wrap(p: _Prepared, opts: LoraOptions, echo: Callable[[str], None], tokens: list[int]):
+    """Wrap the model with the planned adapters; the output head for the chunked loss."""
+    import mlx.core as mx
 
     mx.random.seed(opts.train.seed)
-    apply_plan(lm.model, plan, opts.dropout)
-    n = trainable_parameter_count(lm.model)
-    if n != plan.trainable_parameters:  # the wrapped model must hold exactly the planned factors
-        raise ConfigError(f"internal: planned {plan.trainable_parameters} trainable parameters, model has {n}")
+    apply_plan(p.lm.model, p.plan, opts.dropout)
+    n = trainable_parameter_count(p.lm.model)
+    if n != p.plan.trainable_parameters:  # the wrapped model must hold exactly the planned factors
+        raise ConfigError(f"internal: planned {p.plan.trainable_parameters} trainable parameters, model has {n}")
+    head = training_head(p.lm.model, mx.array([tokens[:4]]))
+    if head is None:
+        echo("note: the model transforms its logits after the output head (or has no single head): "
+             "the loss uses full vocabulary-sized logits (more memory)")
+    return head
+
+
+def train_lora(opts: LoraOptions, echo: Callable[[str], None] = print, reporter=None) -> TrainResult | None:
+    """Run a LoRA training as the CLI does; returns None for a dry run."""
+    p = _prepare(opts, echo)
+    if opts.dry_run:
+        return None
+    _check_output(opts, p.config)
+    head = _wrap(p, opts, echo, list(p.train_set.records[0].tokens))
     if not opts.resume:
         _clear_previous_run(Path(opts.output))
-        write_config(config, Path(opts.output))
-    result = train(
-        lm.model,
-        train_set,
-        valid_set,
+        write_config(p.config, Path(opts.output))
+    return train(
+        p.lm.model,
+        p.train_set,
+        p.valid_set,
         opts.train,
         Path(opts.output),
         resume=opts.resume,
         reporter=reporter,
-        blocks=blocks,
+        blocks=p.blocks,
+        head=head,
     )
-    return result
+
+
+def plan_lora(opts: LoraOptions, max_memory: float | None = None,
+              echo: Callable[[str], None] = print) -> CeilingMap:
+    """``optiq lora train --plan``: the measured training ceiling map (see
+    :mod:`optiq.train.ceiling`) of this model with these options, under ``max_memory``
+    bytes (default: 80% of the memory available now). Trains on ``opts.data``'s records
+    when given, else on the bundled calibration text; writes nothing."""
+    from optiq.core.calibration import BUNDLED_CALIBRATION, load_records, render_record
+
+    p = _prepare(opts, echo, need_data=False)
+    if p.train_set is not None:
+        tokens = [t for r in p.train_set.records for t in r.tokens]
+    else:
+        tok = p.lm.tokenizer
+        tokens = [t for r in load_records(BUNDLED_CALIBRATION) for t in tok.encode(render_record(r, tok))]
+    budget = int(max_memory) if max_memory is not None else int(0.8 * available_memory())
+    head = _wrap(p, opts, echo, tokens)
+    return measure_ceiling(p.lm.model, tokens, opts.train, budget, head=head, blocks=p.blocks, echo=echo)
+
+
+def available_memory() -> int:
+    """Bytes the system can give this process now (MemAvailable)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise ConfigError("cannot read the available memory (/proc/meminfo): give --max-memory")

@@ -32,6 +32,14 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from optiq.core.errors import ConfigError, OptiQError
+from optiq.core.head import (
+    OutputHead,
+    chunked_cross_entropy,
+    cross_entropy_no_grad,
+    find_head,
+    head_input,
+    is_plain_head,
+)
 from optiq.core.mlx_lm_seam import calls_wrapped
 
 from .adapters import ADAPTER_WEIGHTS, adapter_weights, save_weights
@@ -144,12 +152,40 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63)
 
 
-def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array):
-    """Mean cross-entropy over the masked (trained) target tokens."""
-    logits = model(inputs).astype(mx.float32)
-    ce = nn.losses.cross_entropy(logits, targets) * mask
+def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array,
+            head: OutputHead | None = None, grad: bool = True):
+    """Mean cross-entropy over the masked (trained) target tokens.
+
+    With ``head`` (the model's output head, see :func:`training_head`) the loss is
+    computed chunk by chunk over the vocabulary from the head's input
+    (:func:`optiq.core.head.chunked_cross_entropy`): no vocabulary-sized logits or
+    dequantized head weight; ``grad=False`` skips the gradient's half of that pass.
+    """
     ntoks = mask.sum()
-    return ce.sum() / ntoks, ntoks
+    if head is None:
+        logits = model(inputs).astype(mx.float32)
+        ce = nn.losses.cross_entropy(logits, targets)
+    else:
+        h = head_input(model, head, inputs)
+        h, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        ce = (chunked_cross_entropy(h, head, t) if grad else cross_entropy_no_grad(h, head, t))
+        ce = ce.reshape(targets.shape)
+    return (ce * mask).sum() / ntoks, ntoks
+
+
+def training_head(model: nn.Module, tokens: mx.array) -> OutputHead | None:
+    """The output head for the chunked loss, or None when the model has no single head or
+    transforms its logits after it (soft-capping...): then full logits are computed."""
+    head = find_head(model)
+    if head is None:
+        return None
+    was_training = model.training
+    model.eval()  # no dropout: the check compares two forward passes
+    try:
+        return head if is_plain_head(model, head, tokens[:1, :4]) else None
+    finally:
+        if was_training:
+            model.train()
 
 
 def _arrays(batch: Batch) -> tuple[mx.array, mx.array, mx.array]:
@@ -157,7 +193,7 @@ def _arrays(batch: Batch) -> tuple[mx.array, mx.array, mx.array]:
 
 
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, max_seq_length: int,
-             num_batches: int = -1) -> float:
+             num_batches: int = -1, head: OutputHead | None = None) -> float:
     """Token-weighted mean loss over the first ``num_batches`` batches (fixed order)."""
     was_training = model.training
     model.eval()
@@ -167,7 +203,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, max_seq_length
     total, count = mx.array(0.0), mx.array(0.0)
     for g in groups:
         batch = make_batch([dataset.records[i] for i in g], max_seq_length)
-        loss, n = loss_fn(model, *_arrays(batch))
+        loss, n = loss_fn(model, *_arrays(batch), head=head, grad=False)
         total = total + loss * n
         count = count + n
         mx.eval(total, count)
@@ -207,6 +243,31 @@ def fast_gdn_context() -> contextlib.AbstractContextManager:
     from optiq.core.quant.gdn import fast_gated_delta
 
     return fast_gated_delta()
+
+
+def training_context(args: TrainArgs, blocks: list[nn.Module] | None) -> contextlib.ExitStack:
+    """What a training step runs inside: grad checkpointing (if asked), fast Gated DeltaNet."""
+    ctx = contextlib.ExitStack()
+    if args.grad_checkpoint and blocks:
+        ctx.enter_context(grad_checkpointing(blocks))
+    if args.fast_gdn:
+        ctx.enter_context(fast_gdn_context())
+    return ctx
+
+
+def make_step(model: nn.Module, optimizer: optim.Optimizer, head: OutputHead | None,
+              compile: bool = False) -> tuple[Callable, list]:
+    """``step(inputs, targets, mask) -> (loss, ntoks)``: one update of the trainable
+    parameters; and the state to ``mx.eval`` after it."""
+    loss_value_and_grad = nn.value_and_grad(model, partial(loss_fn, head=head))
+    captured = [model.state, optimizer.state, mx.random.state]
+
+    def step(inputs, targets, mask):
+        (loss, ntoks), grads = loss_value_and_grad(model, inputs, targets, mask)
+        optimizer.update(model, grads)
+        return loss, ntoks
+
+    return (partial(mx.compile, inputs=captured, outputs=captured)(step) if compile else step), captured
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -310,8 +371,10 @@ def train(
     resume: bool = False,
     reporter: Reporter | None = None,
     blocks: list[nn.Module] | None = None,
+    head: OutputHead | None = None,
 ) -> TrainResult:
-    """Train the LoRA parameters of an already wrapped ``model`` (see adapters.apply_plan)."""
+    """Train the LoRA parameters of an already wrapped ``model`` (see adapters.apply_plan);
+    ``head``: compute the loss chunked over the vocabulary (see :func:`loss_fn`)."""
     args.check()
     reporter = reporter or NullReporter()
     out_dir = Path(out_dir)
@@ -341,22 +404,14 @@ def train(
     else:
         optimizer.init(model.trainable_parameters())
 
-    loss_value_and_grad = nn.value_and_grad(model, loss_fn)
-    captured = [model.state, optimizer.state, mx.random.state]
-
-    def _step(inputs, targets, mask):
-        (loss, ntoks), grads = loss_value_and_grad(model, inputs, targets, mask)
-        optimizer.update(model, grads)
-        return loss, ntoks
-
-    step_fn = partial(mx.compile, inputs=captured, outputs=captured)(_step) if args.compile else _step
+    step_fn, captured = make_step(model, optimizer, head, args.compile)
     extra = {"train_records": len(train_set), "valid_records": len(valid_set) if valid_set else 0}
 
     def validate(step: int) -> None:
         if valid_set is None:
             return
         tic = time.perf_counter()
-        val = evaluate(model, valid_set, args.batch_size, args.max_seq_length, args.val_batches)
+        val = evaluate(model, valid_set, args.batch_size, args.max_seq_length, args.val_batches, head)
         best = state.best_val_loss is None or val < state.best_val_loss
         state.val_losses.append((step, val))
         if best:
@@ -372,11 +427,7 @@ def train(
 
     mx.reset_peak_memory()
     model.train()
-    ctx = contextlib.ExitStack()
-    if args.grad_checkpoint and blocks:
-        ctx.enter_context(grad_checkpointing(blocks))
-    if args.fast_gdn:
-        ctx.enter_context(fast_gdn_context())
+    ctx = training_context(args, blocks)
     window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
     saved_step = state.step
     pending = state.step  # last step whose update was issued

@@ -27,18 +27,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..architecture import decoder_layers
 from ..errors import ModelLoadError
+from ..head import Intercepted, catching_input
 from .gdn import fast_gated_delta
 from .hooks import call_hooks, replay_layers
 from .source import WeightSource
 from .targets import Target, get_module
-
-
-class _Stop(Exception):
-    """Raised inside a forward pass to hand one intermediate value out of it."""
-
-    def __init__(self, value: mx.array):
-        super().__init__("stop")
-        self.value = value
 
 
 @contextlib.contextmanager
@@ -93,28 +86,12 @@ def head_rows(module: nn.Module, s0: int, s1: int) -> mx.array:
                          group_size=module.group_size, bits=module.bits, **kw)
 
 
-@contextlib.contextmanager
-def stop_at_head(head: nn.Module, tied: bool) -> Iterator[None]:
-    """Calls of the model raise :class:`_Stop` with the head's input (the final-normed hidden
-    state) instead of computing the vocabulary-sized logits."""
-
-    def stop(self_, x, *a, **kw):
-        raise _Stop(x)
-
-    cls = type(head)
-    head.__class__ = type(f"HeadIn{cls.__name__}", (cls,), {"as_linear" if tied else "__call__": stop})
-    try:
-        yield
-    finally:
-        head.__class__ = cls
-
-
 def head_input_of(model: nn.Module, head: Head, tokens: mx.array, **kwargs: Any) -> mx.array:
     """What ``model(tokens, **kwargs)`` feeds its head (caches given in ``kwargs`` advance)."""
-    with stop_at_head(get_module(model, head.path), head.tied):
+    with catching_input(get_module(model, head.path), head.tied):
         try:
             model(tokens, **kwargs)
-        except _Stop as s:
+        except Intercepted as s:
             return s.value
     raise ModelLoadError(f"{type(model).__name__}: the forward pass never reached its output head")
 
@@ -236,7 +213,7 @@ def block_output(
     cls = type(layer)
 
     def call(self_, x, *args, **kwargs):
-        raise _Stop(cls.__call__(self_, h, *args, **kwargs))
+        raise Intercepted(cls.__call__(self_, h, *args, **kwargs))
 
     with replay_layers(layers[:k], [h] * k), _swap_call(layer, call, "Block"):
         return _run(model, tokens, hooks, cache)
@@ -246,7 +223,7 @@ def first_input(model: nn.Module, layers: list[nn.Module], tokens: mx.array, hoo
     """Block 0's input (the embedding output, after any scaling the model applies)."""
 
     def call(self_, x, *args, **kwargs):
-        raise _Stop(x)
+        raise Intercepted(x)
 
     with _swap_call(layers[0], call, "Entry"):
         return _run(model, tokens, hooks)
@@ -262,7 +239,7 @@ def _run(model: nn.Module, tokens: mx.array, hooks: dict | None, cache: list | N
     with fast_gated_delta(), call_hooks(hooks or {}):
         try:
             model(tokens) if cache is None else model(tokens, cache=cache)
-        except _Stop as s:
+        except Intercepted as s:
             return s.value
     raise ModelLoadError(f"{type(model).__name__}: the forward pass never reached the expected layer")
 
