@@ -175,16 +175,22 @@ def _rows(x: mx.array) -> int:
     return x.size // x.shape[-1] if x.ndim else 1
 
 
-def _dequantize(layer: nn.Module, rows: slice, dtype: mx.Dtype, after: mx.array | None = None) -> mx.array:
-    """Rows ``rows`` of the layer's weight dequantized to ``dtype``; with ``after``, computed
-    only once ``after`` is (else MLX may schedule every layer's dequantize -- their inputs
-    are all ready -- before the first product runs, holding all of them in fp32 at once)."""
-    parts = [layer["weight"][rows], layer["scales"][rows]] + ([layer["biases"][rows]] if "biases" in layer else [])
+def dequantize_rows(layer: nn.Module, rows: slice | mx.array, dtype: mx.Dtype,
+                    after: mx.array | None = None) -> mx.array:
+    """Rows ``rows`` (a slice or token ids) of the layer's weight as ``dtype``, dequantized
+    if the layer is packed; with ``after``, computed only once ``after`` is (else MLX may
+    schedule every layer's dequantize -- their inputs are all ready -- before the first
+    product runs, holding all of them in fp32 at once)."""
+    names = [n for n in ("weight", "scales", "biases") if n in layer]
+    parts = [layer[n][rows] for n in names]
     if after is not None:
         parts = mx.depends(parts, [after])
+    p = dict(zip(names, parts))
+    if "scales" not in p:
+        return p["weight"].astype(dtype)
     return mx.dequantize(
-        parts[0], parts[1], parts[2] if len(parts) > 2 else None,
-        group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+        p["weight"], p["scales"], p.get("biases"),
+        group_size=layer.group_size, bits=layer.bits, mode=getattr(layer, "mode", "affine"),
     ).astype(dtype)
 
 
@@ -210,18 +216,18 @@ def dequantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
     if _SLICED[0] and out > step:
         ys = []
         for a in range(0, out, step):
-            ys.append(x @ _dequantize(layer, slice(a, a + step), x.dtype).T)
+            ys.append(x @ dequantize_rows(layer, slice(a, a + step), x.dtype).T)
             if len(ys) > 1:  # keep the graph from dequantizing every slice before the first GEMM
                 mx.eval(ys[-2])
         return mx.concatenate(ys, axis=-1)
 
     @mx.custom_function
     def matmul(x):
-        return x @ _dequantize(layer, slice(None), x.dtype, after=x).T
+        return x @ dequantize_rows(layer, slice(None), x.dtype, after=x).T
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
-        return (cotangent @ _dequantize(layer, slice(None), cotangent.dtype, after=cotangent),)
+        return (cotangent @ dequantize_rows(layer, slice(None), cotangent.dtype, after=cotangent),)
 
     return matmul(x)
 
@@ -233,7 +239,7 @@ _DENSE: dict[int, mx.array] = {}
 def dequantized_weight(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
     """A quantized layer's weight as ``dtype`` (the one :func:`keep_dequantized` holds, if any)."""
     w = _DENSE.get(id(layer))
-    return _dequantize(layer, slice(None), dtype) if w is None else w.astype(dtype)
+    return dequantize_rows(layer, slice(None), dtype) if w is None else w.astype(dtype)
 
 
 @contextmanager

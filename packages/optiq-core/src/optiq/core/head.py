@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .architecture import decoder_layers
-from .cpu import exp
+from .cpu import dequantize_rows, exp
 
 # Temporaries of one vocabulary slice (its logits tile, their exponentials, its fp32 rows).
 SLICE_BUDGET = 64 << 20
@@ -53,28 +53,14 @@ class OutputHead:
     def rows(self, start: int, stop: int, after: mx.array | None = None) -> mx.array:
         """Rows ``start:stop`` of the head's weight in fp32 (dequantized if packed),
         computed only once ``after`` is (so slices are not all scheduled at once)."""
-        return self._dequantize(lambda a: a[start:stop], after)
+        return dequantize_rows(self.module, slice(start, stop), mx.float32, after)
 
     def gather(self, ids: mx.array) -> mx.array:
         """The fp32 rows of token ``ids`` [N]."""
-        return self._dequantize(lambda a: a[ids], ids)
+        return dequantize_rows(self.module, ids, mx.float32, ids)
 
     def bias(self) -> mx.array | None:
         return self.module["bias"].astype(mx.float32) if "bias" in self.module else None
-
-    def _dequantize(self, take, after: mx.array | None) -> mx.array:
-        m = self.module
-        names = [n for n in ("weight", "scales", "biases") if n in m]
-        parts = [take(m[n]) for n in names]
-        if after is not None:
-            parts = mx.depends(parts, [after])
-        p = dict(zip(names, parts))
-        if "scales" not in p:
-            return p["weight"].astype(mx.float32)
-        return mx.dequantize(
-            p["weight"], p["scales"], p.get("biases"),
-            group_size=m.group_size, bits=m.bits, mode=getattr(m, "mode", "affine"),
-        ).astype(mx.float32)
 
 
 def find_head(model: nn.Module) -> OutputHead | None:
