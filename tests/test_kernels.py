@@ -198,6 +198,32 @@ def test_cpu_quantized_layers_use_the_kernel_for_few_rows():
         assert mx.allclose(fast_emb, slow_emb, atol=1e-4).item()
 
 
+def test_kernel_rows_window_forward_and_gradient(monkeypatch):
+    """Between DEQUANT_MIN_ROWS and KERNEL_DEQUANT_MIN_ROWS rows a layer the kernels read
+    goes through them (no dequantized weight in the forward pass) and its gradient in x
+    through one dequantize + GEMM; from KERNEL_DEQUANT_MIN_ROWS on, dequantize + GEMM."""
+    from mlx import nn
+
+    from optiq.core import cpu
+
+    q = nn.QuantizedLinear.from_linear(nn.Linear(256, 96, bias=False), group_size=64, bits=4)
+    q.__class__ = cpu.CPUQuantizedLinear
+    calls = []
+    real = cpu.dequantize_rows
+    monkeypatch.setattr(cpu, "dequantize_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for rows, forward_dequantizes in ((cpu.DEQUANT_MIN_ROWS, 0), (cpu.KERNEL_DEQUANT_MIN_ROWS - 1, 0),
+                                      (cpu.KERNEL_DEQUANT_MIN_ROWS, 1)):
+        x = mx.random.normal((rows, 256), key=mx.random.key(rows))
+        calls.clear()
+        y = q(x)
+        mx.eval(y)
+        assert len(calls) == forward_dequantizes
+        w = mx.dequantize(q["weight"], q["scales"], q["biases"], group_size=64, bits=4)
+        assert mx.allclose(y, x @ w.T, atol=1e-4).item()
+        g = mx.grad(lambda x: (q(x) ** 2).sum())(x)
+        assert mx.allclose(g, mx.grad(lambda x: ((x @ w.T) ** 2).sum())(x), atol=1e-3).item()
+
+
 @pytest.mark.slow
 def test_bundled_quant_decodes_the_same_with_and_without_kernels():
     from mlx_lm.generate import generate_step

@@ -26,6 +26,11 @@ from mlx.utils import tree_flatten, tree_map
 # (crossover measured on a 2-core x86 machine, 1024x1024 4-bit: qmm costs ~0.75 ms
 # per row, dequantize + GEMM ~3.3 ms flat + ~0.07 ms per row).
 DEQUANT_MIN_ROWS = 6
+# optiq-kernels' packed matmul reads 4-8x fewer bytes than a dequantized fp32 weight and
+# stays faster than dequantize + GEMM up to ~128 rows (measured on a 2-core x86 machine,
+# 4-bit group 64, 1024x3584 and 3584x1024: equal at ~128 rows, 1.6x faster at 64). Layers
+# the kernels read use them below this many rows: batched decode and short prefills.
+KERNEL_DEQUANT_MIN_ROWS = 96
 # Inside dequantize_in_slices(), a weight larger than this in fp32 (the vocabulary-sized
 # embedding / tied head: 1 GB at 248,320 x 1,024) is dequantized and multiplied in slices
 # of output rows of at most this size: no whole vocabulary-sized fp32 table in memory.
@@ -136,15 +141,45 @@ def _kernels_for(layer: nn.Module, x: mx.array) -> Any:
 
 def _kernel_matmul(layer: nn.Module, x: mx.array) -> mx.array | None:
     """``x @ dequantize(W).T`` of a quantized layer through optiq-kernels, or None when
-    the kernels are unavailable or cannot read this layer's format."""
+    the kernels are unavailable or cannot read this layer's format.
+
+    The gradient with respect to ``x`` (LoRA on a frozen quantized base) is
+    ``g @ dequantize(W)``: the kernels' own vjp uses MLX's quantized matmul, fast for a
+    few rows only, so inputs of :data:`DEQUANT_MIN_ROWS` rows or more get a dequantize +
+    GEMM backward instead."""
     k = _kernels_for(layer, x)
     if k is None:
         return None
     w = layer["weight"]
-    y = k.quantized_matmul(
-        x.reshape(-1, x.shape[-1]), w, layer["scales"], layer["biases"], bits=layer.bits, group_size=layer.group_size
-    )
-    return y.reshape(*x.shape[:-1], w.shape[0]).astype(x.dtype)
+
+    def forward(x):
+        y = k.quantized_matmul(
+            x.reshape(-1, x.shape[-1]), w, layer["scales"], layer["biases"], bits=layer.bits, group_size=layer.group_size
+        )
+        return y.reshape(*x.shape[:-1], w.shape[0]).astype(x.dtype)
+
+    if _rows(x) < DEQUANT_MIN_ROWS:
+        return forward(x)
+    matmul = mx.custom_function(forward)
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        return (cotangent @ dequantize_rows(layer, slice(None), cotangent.dtype, after=cotangent),)
+
+    return matmul(x)
+
+
+def _use_kernels(layer: nn.Module, x: mx.array) -> bool:
+    """Whether a call of ``layer`` on ``x`` goes through the packed weights (few rows)
+    rather than dequantize + GEMM: :data:`DEQUANT_MIN_ROWS` for MLX's own quantized
+    matmul, :data:`KERNEL_DEQUANT_MIN_ROWS` where optiq-kernels read the layer; never
+    while :func:`keep_dequantized` holds the dense weight."""
+    rows = _rows(x)
+    if rows < DEQUANT_MIN_ROWS:
+        return True
+    if rows >= KERNEL_DEQUANT_MIN_ROWS or id(layer) in _DENSE:
+        return False
+    return _kernels_for(layer, x) is not None
 
 
 def exp(x: mx.array) -> mx.array:
@@ -267,7 +302,7 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
     """QuantizedLinear that dequantizes for multi-row inputs (optiq-kernels for a few rows)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if _rows(x) < DEQUANT_MIN_ROWS:
+        if _use_kernels(self, x):
             y = _kernel_matmul(self, x)
             if y is None:
                 return super().__call__(x)
@@ -282,7 +317,7 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
     """QuantizedEmbedding whose ``as_linear`` (tied lm_head) dequantizes for many rows."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        if _rows(x) < DEQUANT_MIN_ROWS:
+        if _use_kernels(self, x):
             y = _kernel_matmul(self, x)
             return super().as_linear(x) if y is None else y
         return dequantized_matmul(self, x)
