@@ -20,7 +20,8 @@ and ``eval_mlx_lm`` (its mlx-lm peer, ``benchmarks/eval_mlx_lm.py``, on the firs
 ``--kv-bits`` is one width the user picks);
 generation on the 4-bit quant: ``serve`` (one request to
 ``optiq serve``: a 256-token prompt, 64 tokens; ``benchmarks/serve_once.py``),
-``generate_mlx_lm`` (``mlx_lm generate`` on the quant) and ``generate_mlx_lm_bf16`` (on
+``serve_batch`` (8 requests at once, 32-token prompts, 64 tokens each: aggregate decode
+tok/s), ``generate_mlx_lm`` (``mlx_lm generate`` on the quant) and ``generate_mlx_lm_bf16`` (on
 the bf16 model), both with a 16-token prompt (stock mlx-lm's CPU prefill of 256 tokens
 took over 15 minutes); their notes give prefill s, decode tok/s and the decode's
 memory-bandwidth bound (weight bytes / the copy bandwidth measured in the run);
@@ -382,6 +383,8 @@ def kv_notes(ctx: Ctx, out: Path, r: dict) -> str:
 PROMPT_TOKENS = 256  # the serve row's prompt
 PEER_PROMPT_TOKENS = 16  # stock mlx_lm's prompt: its CPU prefill of 256 tokens took over 15 minutes
 GEN_TOKENS = 64
+BATCH_REQUESTS = 8  # the serve_batch row: requests decoded together
+BATCH_PROMPT_TOKENS = 32
 
 
 def copy_bandwidth(mb: int = 512, repeat: int = 5) -> float:
@@ -443,6 +446,28 @@ def _serve(ctx: Ctx) -> Row:
     return Row([sys.executable, str(Path(__file__).with_name("serve_once.py")), str(q),
                 "--prompt-file", str(prompt_file(ctx, PROMPT_TOKENS)), "--max-tokens", str(GEN_TOKENS)],
                notes)
+
+
+@row("serve_batch")
+def _serve_batch(ctx: Ctx) -> Row:
+    """BATCH_REQUESTS requests at once to ``optiq serve`` on the quant (batched decode:
+    each step multiplies BATCH_REQUESTS rows through every layer), BATCH_PROMPT_TOKENS-token
+    prompts, GEN_TOKENS each; aggregate decode tok/s."""
+    q = ctx.quant()
+    log = ctx.workdir / f"{ctx.shape}-serve_batch.log"
+
+    def notes(r: dict) -> str:
+        lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")] if log.exists() else []
+        if r["rc"] != 0 or not lines:
+            return ""
+        u = json.loads(lines[-1])
+        return (f"{u['concurrency']} requests of {u['prompt_tokens']} prompt tokens: slowest first token "
+                f"{u['prefill_s']:.1f} s; aggregate decode {u['decode_tok_s']:.1f} tok/s "
+                f"({u['completion_tokens']} tokens each)")
+
+    return Row([sys.executable, str(Path(__file__).with_name("serve_once.py")), str(q),
+                "--prompt-file", str(prompt_file(ctx, BATCH_PROMPT_TOKENS)), "--max-tokens", str(GEN_TOKENS),
+                "--concurrency", str(BATCH_REQUESTS)], notes)
 
 
 def _mlx_lm_generate(ctx: Ctx, name: str, model: Path) -> Row:
